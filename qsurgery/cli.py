@@ -1,0 +1,113 @@
+"""Command line: ``qsurgery quantize`` captures a model, simulates int8 and reports float vs int8."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .capture import capture
+from .data import ImageFolder, loader, model_transform, sample_images, split
+from .errors import QSurgeryError
+from .evaluate import agreement, predict, top1
+from .models import create_model
+from .quant import QuantConfig, quantize
+from .quant.config import OBSERVERS
+
+
+def _config(args: argparse.Namespace) -> QuantConfig:
+    if args.target == "pow2-int8":
+        cfg = QuantConfig.pow2_int8(observer=args.observer)
+    elif args.target == "full-int8":
+        cfg = QuantConfig.full_int8(observer=args.observer)
+    else:
+        cfg = QuantConfig.int8(per_channel=not args.per_tensor, observer=args.observer)
+    for name in args.keep_float:
+        cfg = cfg.override(name, dtype="float")
+    return cfg
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    model = create_model(args.model, checkpoint=args.checkpoint)
+    transform = model_transform(model, input_size=args.input_size)
+    if args.data:
+        dataset = ImageFolder(args.data, transform)
+        n_eval = args.eval if args.eval > 0 else None
+        calib_set, eval_set = split(dataset, min(args.calib, len(dataset) - 1), n_eval)
+        source = f"{args.data} ({len(calib_set)} calibration / {len(eval_set)} evaluation images, disjoint)"
+    else:
+        calib_set = sample_images(args.calib, transform, seed=1)
+        eval_set = sample_images(args.eval if args.eval > 0 else 64, transform, seed=2)
+        source = (f"built-in sample photos (random crops; {len(calib_set)} calibration / {len(eval_set)} "
+                  "evaluation, unlabeled)")
+    example = calib_set[0][0].unsqueeze(0)
+    graph = capture(model, example)
+    config = _config(args)
+    sim, plan = quantize(graph, loader(calib_set, args.batch_size), config, progress=not args.quiet)
+    t_float = time.perf_counter()
+    float_out, labels = predict(graph, loader(eval_set, args.batch_size), progress=not args.quiet, desc="float")
+    t_sim = time.perf_counter()
+    quant_out, _ = predict(sim, loader(eval_set, args.batch_size), progress=not args.quiet, desc="int8 simulated")
+    t_end = time.perf_counter()
+
+    print(f"model        {args.model}  ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params)")
+    print(f"images       {source}")
+    print(f"quantization {config.describe()}; {len(plan)} quantized ops, {len(plan.non_int8())} not int8")
+    if labels is not None:
+        print(f"top-1        float {100 * top1(float_out, labels):.2f} %   int8 {100 * top1(quant_out, labels):.2f} %")
+    print(f"agreement    int8 top-1 = float top-1 on {100 * agreement(float_out, quant_out):.2f} % of "
+          f"{len(float_out)} images")
+    print(f"time         {t_end - t0:.1f} s total; float {len(float_out) / (t_sim - t_float):.1f} img/s, "
+          f"simulated {len(float_out) / (t_end - t_sim):.1f} img/s")
+    if args.plan:
+        plan.to_json(args.plan)
+        print(f"plan         written to {args.plan}")
+    if args.verbose:
+        print()
+        print(plan.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qsurgery", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qsurgery {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="simulate int8 on a model and compare it with float")
+    q.add_argument("--model", default="efficientnet_lite0",
+                   help="built-in name (efficientnet_lite0: real ImageNet weights), a timm name, or module:factory")
+    q.add_argument("--checkpoint", type=Path, help="state_dict file to load into the model")
+    q.add_argument("--data", type=Path, help="image folder (class sub-folders, or flat with labels.csv); "
+                                             "default: built-in sample photos")
+    q.add_argument("--calib", type=int, default=32, help="calibration images (default 32)")
+    q.add_argument("--eval", type=int, default=0, help="evaluation images (default: the rest, or 64 built-in)")
+    q.add_argument("--batch-size", type=int, default=16)
+    q.add_argument("--input-size", type=int, help="square input size (default: the model's)")
+    q.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer")
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
+    q.add_argument("--target", choices=("int8", "full-int8", "pow2-int8"), default="int8")
+    q.add_argument("--keep-float", action="append", default=[], metavar="LAYER",
+                   help="keep this layer (name or glob) float; repeatable")
+    q.add_argument("--plan", type=Path, help="write the QuantPlan as JSON here")
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("-v", "--verbose", action="store_true", help="print the plan table")
+    q.set_defaults(func=_cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except QSurgeryError as exc:
+        print(f"qsurgery: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Running models over data and the simplest comparisons: top-1 accuracy and float-vs-quantized agreement."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import DataError
+
+__all__ = ["predict", "top1", "agreement"]
+
+
+def _device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict(model: nn.Module, data: Any, *, progress: bool = False, desc: str = "evaluating"
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run ``model`` over ``data`` (a tensor, or an iterable of tensors / (inputs, labels) batches).
+
+    Returns the concatenated outputs (on the CPU) and the labels if every batch carried them.
+    """
+    device = _device(model)
+    batches = [data] if isinstance(data, torch.Tensor) else data
+    outputs, labels, all_labeled = [], [], True
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+        if isinstance(batch, torch.Tensor):
+            x, y = batch, None
+        elif isinstance(batch, (tuple, list)) and len(batch) >= 1:
+            x, y = batch[0], (batch[1] if len(batch) > 1 else None)
+        else:
+            raise DataError(f"cannot read a batch of type {type(batch).__name__}")
+        outputs.append(model(x.to(device)).float().cpu())
+        if y is None:
+            all_labeled = False
+        else:
+            labels.append(torch.as_tensor(y).cpu())
+    if not outputs:
+        raise DataError("no data to evaluate")
+    lab = torch.cat(labels) if all_labeled and labels else None
+    if lab is not None and (lab < 0).any():
+        lab = None
+    return torch.cat(outputs), lab
+
+
+def top1(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of rows whose arg-max equals the label."""
+    return (outputs.argmax(1) == labels).float().mean().item()
+
+
+def agreement(reference: torch.Tensor, other: torch.Tensor) -> float:
+    """Share of rows whose arg-max is the same in both outputs (label-free)."""
+    return (reference.argmax(1) == other.argmax(1)).float().mean().item()
