@@ -15,8 +15,7 @@ from .config import TensorFormat
 __all__ = ["RangeStats", "qparams", "fake_quant", "weight_qparams", "choose_range"]
 
 # uint8 quantize/dequantize is one fused pass and ~3x faster than fake_quantize on CPU; the same
-# numbers (checked in tests). Its quint8 creation function warns about deprecation: silence just that.
-warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor.*deprecated", category=UserWarning)
+# numbers (checked in tests). Its quint8 creation function warns about deprecation: silenced at the call.
 _FAST_UINT8 = hasattr(torch, "quantize_per_tensor")
 
 
@@ -70,7 +69,7 @@ def qparams(lo: torch.Tensor | float, hi: torch.Tensor | float, fmt: TensorForma
         scale = torch.maximum(lo_t.abs(), hi_t) / qmax
     else:
         scale = (hi_t - lo_t) / (qmax - qmin)
-    scale = scale.clamp(min=1e-12)
+    scale = scale.clamp(min=1e-30)  # tiny but float32-safe: degenerate (random-init) nets have 1e-13 ranges
     if fmt.pow2:
         scale = _pow2(scale)
     if fmt.symmetric:
@@ -92,7 +91,9 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, f
         if (_FAST_UINT8 and fmt.bits == 8 and not fmt.symmetric and x.dtype == torch.float32
                 and not (x.requires_grad and torch.is_grad_enabled())):
             try:
-                return torch.quantize_per_tensor(x, float(scale), int(zero_point), torch.quint8).dequantize()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", UserWarning)
+                    return torch.quantize_per_tensor(x, float(scale), int(zero_point), torch.quint8).dequantize()
             except (RuntimeError, NotImplementedError):
                 pass
         return torch.fake_quantize_per_tensor_affine(x, scale.to(x.device), zero_point.to(x.device), qmin, qmax)

@@ -296,6 +296,8 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
     n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     expected = gm.meta.get("qsurgery_input_shapes")
 
+    if isinstance(calib_data, torch.Tensor):
+        calib_data = [calib_data]
     source = _Replayable(calib_data) if calib_data is not None else None
     batches = iter(iter_inputs(source, n_inputs, expected_shapes=expected, device=device)) if source else None
     first = next(batches) if batches is not None else None
@@ -327,7 +329,7 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
                     gm(*inputs)
     elif any(q.fmt.is_int for q in quantizers.values()):
         missing = [u.name for u in units if quantizers[u.name].fmt.is_int
-                   and (u.name not in plan or plan[u.name].clip is None)]
+                   and (plan is None or u.name not in plan or plan[u.name].clip is None)]
         if missing:
             raise CalibrationError(f"no calibration data and the plan has no ranges for {missing[:6]}: give calib_data")
 
