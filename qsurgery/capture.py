@@ -326,6 +326,7 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     _specialise(gm, example)
     _drop_identities(gm)
     gm.delete_all_unused_submodules()
+    gm.eval()  # modules made by the rewrite start in training mode
     ShapeProp(gm).propagate(*example)
     gm.meta["qsurgery_input_shapes"] = [tuple(t.shape) for t in example]
     gm.meta["qsurgery_source"] = type(model).__name__

@@ -26,7 +26,11 @@ def model_transform(model: nn.Module | None = None, *, input_size: int | None = 
     """The evaluation preprocessing timm resolves for ``model`` (resize, center crop, normalise)."""
     from timm.data import create_transform, resolve_data_config
 
-    cfg = resolve_data_config({}, model=model) if model is not None else resolve_data_config({})
+    if model is not None:
+        cfg = resolve_data_config({}, model=model)
+    else:  # ImageNet defaults
+        cfg = resolve_data_config({}, pretrained_cfg={"input_size": (3, 224, 224), "crop_pct": 0.875,
+                                                      "interpolation": "bicubic"})
     if input_size is not None:
         cfg["input_size"] = (3, input_size, input_size)
     return create_transform(**cfg, is_training=False)

@@ -131,3 +131,10 @@ def test_capture_does_not_touch_training_mode_or_weights():
     capture(model, torch.randn(1, 3, 8, 8), leaf_modules=["body.1"])
     assert model.training
     assert _same_state(snapshot, model.state_dict())
+
+
+def test_captured_graph_is_entirely_in_eval_mode():
+    import timm
+
+    graph = capture(timm.create_model("tf_efficientnet_lite0"), torch.randn(1, 3, 64, 64))
+    assert not any(m.training for m in graph.modules())

