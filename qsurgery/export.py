@@ -1,0 +1,473 @@
+"""Export: float or QDQ ONNX that device compilers accept, simplified, and verified in onnxruntime.
+
+The QDQ export writes exactly the simulation's numbers: one QuantizeLinear/DequantizeLinear pair per
+activation quantizer (per-tensor scale and zero point), weights as integer initializers with a per-channel
+DequantizeLinear (folded-BN weights), int16 where a layer was widened (opset >= 21), Cast pairs for fp16,
+nothing where a layer is float. Files are written to a temporary name and moved into place.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import QSurgeryError
+from .quant.config import TensorFormat
+from .quant.simulate import ActQuantizer, SimulatedModel
+
+__all__ = ["export_onnx", "ExportReport", "ExportError"]
+
+DEFAULT_OPSET = 17
+
+
+class ExportError(QSurgeryError):
+    """The model cannot be exported as asked (unsupported op, unwritable path, uncalibrated simulation)."""
+
+
+def _onnx_int_dtype(fmt: TensorFormat) -> torch.dtype:
+    if fmt.bits <= 8:
+        return torch.int8 if fmt.symmetric else torch.uint8
+    return torch.int16 if fmt.symmetric else torch.uint16
+
+
+# torch's TorchScript exporter knows no uint16 and stops at opset 20: uint16 zero points travel as int32
+# and are retyped after export, when the file's opset is raised to the one asked for (>= 21 for 16 bits).
+_EXPORTER_MAX_OPSET = 20
+
+
+def _carrier(dtype: torch.dtype) -> torch.dtype:
+    return torch.int32 if dtype == torch.uint16 else dtype
+
+
+def _retype_uint16_zero_points(model) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consts = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        name = node.input[2]
+        tensor = inits.get(name) or (consts[name].attribute[0].t if name in consts else None)
+        if tensor is None or tensor.data_type != onnx.TensorProto.INT32:
+            continue
+        value = numpy_helper.to_array(tensor).astype(np.uint16)
+        tensor.CopyFrom(numpy_helper.from_array(value, tensor.name))
+
+
+class _QDQ(torch.autograd.Function):
+    """Fake quantization in PyTorch; a QuantizeLinear/DequantizeLinear pair in ONNX."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, qmin, qmax, dtype):
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=_carrier(dtype)))
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
+
+
+class _DequantizedWeight(torch.autograd.Function):
+    """The (already fake-quantized) weight in PyTorch; integer constant + DequantizeLinear in ONNX."""
+
+    @staticmethod
+    def forward(ctx, w, q, scale, zero_point, axis: int):
+        return w
+
+    @staticmethod
+    def symbolic(g, w, q, scale, zero_point, axis):
+        return g.op("DequantizeLinear", q, scale, zero_point, axis_i=axis)
+
+
+class _ExportActQuant(nn.Module):
+    def __init__(self, q: ActQuantizer):
+        super().__init__()
+        self.fmt = q.fmt
+        self.active = q.mode == "quant"
+        self.scale = float(q.scale)
+        self.zero_point = int(q.zero_point)
+
+    def forward(self, x):
+        if not self.active or self.fmt.dtype == "float":
+            return x
+        if self.fmt.dtype == "fp16":
+            return x.to(torch.float16).to(torch.float32)
+        qmin, qmax = self.fmt.qrange
+        return _QDQ.apply(x, self.scale, self.zero_point, qmin, qmax, _onnx_int_dtype(self.fmt))
+
+
+class _ExportWeighted(nn.Module):
+    """Calls the original module with its weight given as integers + DequantizeLinear."""
+
+    def __init__(self, module: nn.Module, fmt: TensorFormat, scale: torch.Tensor, axis: int):
+        super().__init__()
+        self.inner = module
+        qmin, qmax = fmt.qrange
+        w = module.weight.detach()
+        if fmt.per_channel:
+            shape = [1] * w.dim()
+            shape[axis] = -1
+            s = scale.reshape(shape).to(w)
+        else:
+            s = scale.to(w)
+        dtype = _onnx_int_dtype(fmt)
+        self.register_buffer("q", torch.clamp(torch.round(w / s), qmin, qmax).to(dtype))
+        self.register_buffer("s", scale.to(torch.float32).reshape(-1) if fmt.per_channel else scale.reshape(()))
+        self.register_buffer("z", torch.zeros_like(self.s, dtype=dtype))
+        self.axis = axis
+
+    def forward(self, x):
+        w = _DequantizedWeight.apply(self.inner.weight, self.q, self.s, self.z, self.axis)
+        if isinstance(self.inner, nn.Linear):
+            return nn.functional.linear(x, w, self.inner.bias)
+        if isinstance(self.inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return self.inner._conv_forward(x, w, self.inner.bias)
+        raise ExportError(f"integer weights of {type(self.inner).__name__} are not exported; keep it float or fp16")
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def _export_module(sim: SimulatedModel) -> tuple[fx.GraphModule, dict[str, str]]:
+    """A copy of the simulated graph whose quantizers and weights export as Q/DQ."""
+    gm = copy.deepcopy(sim.graph_module)
+    missing = [layer.name for layer in sim.plan if layer.activation is not None and layer.activation.is_int
+               and layer.scale is None]
+    if missing:
+        raise ExportError(f"the simulated model was never calibrated (no range for {missing[:5]}): run quantize() "
+                          "with calibration data")
+    node_of_unit: dict[str, str] = {}
+    for layer in sim.plan:
+        path = sim._quantizers[layer.name]
+        _set_module(gm, path, _ExportActQuant(gm.get_submodule(path)))
+        node_of_unit[layer.name] = path
+        enabled = sim._enabled.get(layer.name, True)
+        if layer.module is None or layer.weight is None or not enabled:
+            continue
+        module = gm.get_submodule(layer.module)
+        with torch.no_grad():
+            module.weight.copy_(sim._float_weights[layer.name])
+        if layer.weight.is_int:
+            axis = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
+            _set_module(gm, layer.module, _ExportWeighted(module, layer.weight, layer.weight_scale, axis))
+        elif layer.weight.dtype == "fp16":
+            with torch.no_grad():
+                module.weight.copy_(sim._quant_weights[layer.name])
+    gm.recompile()
+    return gm, node_of_unit
+
+
+@dataclass
+class ExportReport:
+    """What was written and how well it matches the PyTorch model or simulation."""
+
+    path: Path
+    qdq: bool
+    opset: int
+    size_bytes: int
+    nodes_before: int
+    nodes_after: int
+    qdq_pairs: int = 0
+    int_weights: int = 0
+    simplified: bool = False
+    output_names: list[str] = field(default_factory=list)
+    max_abs_error: float | None = None
+    max_error_steps: float | None = None
+    output_step: float | None = None
+    top1_agreement: float | None = None
+    verified_on: int = 0
+    differences: list[str] = field(default_factory=list)
+    ranges_path: Path | None = None
+    runtime_max_abs_error: float | None = None
+    runtime_max_error_steps: float | None = None
+    runtime_top1_agreement: float | None = None
+
+    def summary(self) -> str:
+        lines = [f"{'QDQ' if self.qdq else 'float'} ONNX {self.path} (opset {self.opset}, "
+                 f"{self.size_bytes / 1e6:.2f} MB, nodes {self.nodes_before} -> {self.nodes_after} "
+                 f"{'after onnxsim' if self.simplified else '(not simplified)'})"]
+        if self.qdq:
+            lines.append(f"  {self.qdq_pairs} activation Q/DQ pairs, {self.int_weights} integer weights")
+        if self.max_abs_error is not None:
+            text = (f"  verified on {self.verified_on} inputs, exact Q/DQ arithmetic (onnxruntime, optimizations off): "
+                    f"max |onnx - torch| = {self.max_abs_error:.3g}")
+            if self.max_error_steps is not None:
+                text += f" ({self.max_error_steps:.2f} output quantization steps)"
+            if self.top1_agreement is not None:
+                text += f", top-1 agreement {100 * self.top1_agreement:.2f} %"
+            lines.append(text)
+        if self.runtime_max_abs_error is not None:
+            text = f"  onnxruntime default optimizations (integer kernels): max error {self.runtime_max_abs_error:.3g}"
+            if self.runtime_max_error_steps is not None:
+                text += f" ({self.runtime_max_error_steps:.2f} steps)"
+            if self.runtime_top1_agreement is not None:
+                text += f", top-1 agreement {100 * self.runtime_top1_agreement:.2f} %"
+            lines.append(text)
+        lines.extend(f"  {d}" for d in self.differences)
+        return "\n".join(lines)
+
+
+def _count_nodes(model) -> int:
+    return len(model.graph.node)
+
+
+def _simplify(model):
+    import onnxsim
+
+    before = {op: sum(n.op_type == op for n in model.graph.node) for op in ("QuantizeLinear", "DequantizeLinear")}
+    simplified, ok = onnxsim.simplify(model)
+    after = {op: sum(n.op_type == op for n in simplified.graph.node) for op in before}
+    if ok and after == before:
+        return simplified, True
+    # constant folding would turn integer weights back into float: simplify without it
+    simplified, ok = onnxsim.simplify(model, skip_constant_folding=True)
+    after = {op: sum(n.op_type == op for n in simplified.graph.node) for op in before}
+    if ok and after == before:
+        return simplified, True
+    return model, False
+
+
+def _ranges(model, sim: SimulatedModel) -> dict:
+    """Per activation tensor: the float range and scale/zero point, keyed by the ONNX tensor name."""
+    out = {}
+    qnodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and not _is_weight(model, n)]
+    layers = [layer for layer in sim.plan if layer.activation is not None and layer.activation.is_int
+              and sim._enabled.get(layer.name, True)]
+    for node, layer in zip(qnodes, layers):
+        out[node.input[0]] = {"layer": layer.name, "min": layer.clip[0], "max": layer.clip[1],
+                              "scale": layer.scale, "zero_point": layer.zero_point,
+                              "dtype": _onnx_int_dtype(layer.activation).__repr__().replace("torch.", "")}
+    return out
+
+
+def _is_weight(model, node) -> bool:
+    inits = {i.name for i in model.graph.initializer}
+    return node.input[0] in inits
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in _flatten(o)]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    return []
+
+
+def _output_step(sim: SimulatedModel) -> float | None:
+    gm = sim.graph_module
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    args = out.args[0]
+    node = args if isinstance(args, fx.Node) else (args[0] if isinstance(args, (tuple, list)) and args else None)
+    while isinstance(node, fx.Node) and node.op != "call_module":
+        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if isinstance(node, fx.Node):
+        q = gm.get_submodule(node.target)
+        if isinstance(q, ActQuantizer) and q.mode == "quant" and q.fmt.is_int:
+            return float(q.scale)
+    return None
+
+
+def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
+                qdq: bool | None = None, opset: int = DEFAULT_OPSET, simplify: bool = True, verify: bool = True,
+                verify_inputs: Any = None, input_names: Sequence[str] | None = None,
+                output_names: Sequence[str] | None = None, calib_ranges_json: str | Path | None = None
+                ) -> ExportReport:
+    """Write ``model`` (a captured/repaired graph, or a :class:`SimulatedModel` for QDQ) as ONNX at ``path``.
+
+    ``qdq`` defaults to True for a SimulatedModel. ``verify`` runs the file in onnxruntime on
+    ``example_inputs`` (and ``verify_inputs``, an iterable of batches, if given) and compares with PyTorch.
+    ``calib_ranges_json`` also writes per-tensor ranges for compilers that calibrate themselves.
+    """
+    import onnx
+
+    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    is_sim = isinstance(model, SimulatedModel)
+    qdq = is_sim if qdq is None else qdq
+    if qdq and not is_sim:
+        raise ExportError("a QDQ export needs the SimulatedModel returned by qsurgery.quantize(); "
+                          "pass qdq=False to export a float graph")
+    if calib_ranges_json is not None and not is_sim:
+        raise ExportError("calib_ranges_json needs a SimulatedModel (that is where the ranges come from)")
+    path = Path(path)
+    if not path.parent.exists() or not os.access(path.parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: folder {path.parent} does not exist or is not writable")
+    if is_sim:
+        wide = [layer.name for layer in model.plan for f in (layer.weight, layer.activation)
+                if f is not None and f.is_int and f.bits > 8 and model._enabled.get(layer.name, True)]
+        if qdq and wide and opset < 21:
+            raise ExportError(f"int16 Q/DQ (layers {sorted(set(wide))[:5]}) need ONNX opset >= 21; pass opset=21")
+        if qdq and opset < 13:
+            raise ExportError("per-channel DequantizeLinear needs opset >= 13")
+        if any(f is not None and f.is_int and f.bits < 8 for layer in model.plan
+               for f in (layer.weight, layer.activation)):
+            raise ExportError("ONNX Q/DQ has no 2..7-bit types; export such a plan only as a simulation")
+        module = _export_module(model)[0] if qdq else _float_copy(model)
+    else:
+        module = copy.deepcopy(model).eval()
+    module.eval()
+    reference = model if qdq or not is_sim else module
+    n_inputs = len(example)
+    in_names = list(input_names or (["input"] if n_inputs == 1 else [f"input{i}" for i in range(n_inputs)]))
+    with torch.no_grad():
+        reference_out = _flatten(reference(*example))
+    out_names = list(output_names or (["output"] if len(reference_out) == 1 else
+                                      [f"output{i}" for i in range(len(reference_out))]))
+    tmp_fd, tmp_name = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(tmp_fd)
+    try:
+        try:
+            torch.onnx.export(module, example, tmp_name, dynamo=False, opset_version=min(opset, _EXPORTER_MAX_OPSET),
+                              input_names=in_names, output_names=out_names, do_constant_folding=True,
+                              dynamic_axes={n: {0: "batch"} for n in in_names + out_names})
+        except Exception as exc:
+            raise ExportError(_explain_export_failure(exc, model, opset)) from exc
+        onnx_model = onnx.load(tmp_name)
+        if opset > _EXPORTER_MAX_OPSET:
+            _retype_uint16_zero_points(onnx_model)
+            for imp in onnx_model.opset_import:
+                if imp.domain in ("", "ai.onnx"):
+                    imp.version = opset
+        nodes_before = _count_nodes(onnx_model)
+        simplified = False
+        if simplify:
+            onnx_model, simplified = _simplify(onnx_model)
+        onnx.checker.check_model(onnx_model)
+        onnx.save(onnx_model, tmp_name)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+    report = ExportReport(path=path, qdq=qdq, opset=opset, size_bytes=path.stat().st_size,
+                          nodes_before=nodes_before, nodes_after=_count_nodes(onnx_model), simplified=simplified,
+                          output_names=out_names)
+    if qdq:
+        report.qdq_pairs = sum(n.op_type == "QuantizeLinear" for n in onnx_model.graph.node)
+        report.int_weights = sum(n.op_type == "DequantizeLinear" and _is_weight(onnx_model, n)
+                                 for n in onnx_model.graph.node)
+    if calib_ranges_json is not None:
+        ranges = _ranges(onnx_model, model)
+        _atomic_write(Path(calib_ranges_json), json.dumps(ranges, indent=1))
+        report.ranges_path = Path(calib_ranges_json)
+    if verify:
+        _verify(report, reference, example, verify_inputs, in_names)
+    return report
+
+
+def _float_copy(sim: SimulatedModel) -> fx.GraphModule:
+    gm, _ = _export_module(sim)
+    for m in gm.modules():
+        if isinstance(m, _ExportActQuant):
+            m.active = False
+    for name, mod in list(gm.named_modules()):
+        if isinstance(mod, _ExportWeighted):
+            _set_module(gm, name, mod.inner)
+    return gm
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    if not path.parent.exists() or not os.access(path.parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: folder {path.parent} does not exist or is not writable")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _explain_export_failure(exc: Exception, model: nn.Module, opset: int) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    where = ""
+    gm = model.graph_module if isinstance(model, SimulatedModel) else model
+    if isinstance(gm, fx.GraphModule):
+        import re
+
+        m = re.search(r"operator '?(?:aten::)?([A-Za-z0-9_]+)'?", text)
+        if m:
+            op = m.group(1)
+            def named(n):
+                calls = ("call_function", "call_method", "call_module")
+                return getattr(n.target, "__name__", str(n.target)) if n.op in calls else ""
+
+            hits = [n for n in gm.graph.nodes if named(n) and (op in named(n) or named(n) in op)]
+            if hits:
+                from .graph import scope_of
+
+                where = f" (used by {hits[0].name!r} in module {scope_of(hits[0]) or '<top level>'!r})"
+    return f"ONNX export failed at opset {opset}: {text}{where}"
+
+
+def _compare(session, model: nn.Module, batches: list, in_names: list[str], out_names: list[str]
+             ) -> tuple[float, str | None, int, int, int]:
+    max_err, worst, agree, rows, n = 0.0, None, 0, 0, 0
+    for inputs in batches:
+        with torch.no_grad():
+            ref = _flatten(model(*inputs))
+        got = session.run(None, {k: v.detach().cpu().numpy() for k, v in zip(in_names, inputs)})
+        for i, (r, g) in enumerate(zip(ref, got)):
+            r = r.detach().cpu().numpy()
+            err = float(np.abs(r - g).max()) if r.size else 0.0
+            if err > max_err:
+                max_err, worst = err, out_names[i] if i < len(out_names) else str(i)
+            if r.ndim == 2 and i == 0:
+                agree += int((r.argmax(1) == g.argmax(1)).sum())
+                rows += r.shape[0]
+        n += inputs[0].shape[0]
+    return max_err, worst, agree, rows, n
+
+
+def _verify(report: ExportReport, model: nn.Module, example: tuple, extra: Any, in_names: list[str]) -> None:
+    """Compare with PyTorch twice: onnxruntime with graph optimizations off runs the file's exact Q/DQ
+    arithmetic (what the file *means*); with its default optimizations it runs its own integer kernels
+    (what one runtime *does*). The first must match the simulation; the second is reported."""
+    import onnxruntime as ort
+
+    batches = [example]
+    if extra is not None:
+        from .quant.simulate import iter_inputs
+
+        batches += list(iter_inputs(extra, len(example), what="verification"))
+    exact = ort.SessionOptions()
+    exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(report.path), exact, providers=["CPUExecutionProvider"])
+    max_err, worst, agree, rows, n = _compare(session, model, batches, in_names, report.output_names)
+    report.max_abs_error = max_err
+    report.verified_on = n
+    step = _output_step(model) if isinstance(model, SimulatedModel) else None
+    report.output_step = step
+    if step:
+        report.max_error_steps = max_err / step
+    if rows:
+        report.top1_agreement = agree / rows
+    if worst is not None and max_err > (step or 1e-4):
+        report.differences.append(f"largest difference in output {worst!r}")
+    if report.qdq:
+        runtime = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+        r_err, _w, r_agree, r_rows, _n = _compare(runtime, model, batches, in_names, report.output_names)
+        report.runtime_max_abs_error = r_err
+        if step:
+            report.runtime_max_error_steps = r_err / step
+        if r_rows:
+            report.runtime_top1_agreement = r_agree / r_rows
+        if step and r_err > 2 * step:
+            report.differences.append(
+                "onnxruntime's fused integer kernels (default optimizations) deviate from the Q/DQ arithmetic by "
+                f"{r_err / step:.1f} steps: on x86 CPUs without VNNI its uint8 x int8 convolutions saturate 16-bit "
+                "intermediate sums. The file is right; a device compiler computes its own way.")
