@@ -1,4 +1,4 @@
-"""Command line: ``qsurgery quantize`` captures a model, simulates int8 and reports float vs int8."""
+"""Command line: ``qsurgery quantize`` (simulate int8, compare with float), ``qsurgery export`` (ONNX)."""
 
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ def _config(args: argparse.Namespace) -> QuantConfig:
     return cfg
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace):
+    """Model, calibration/evaluation sets, their description, the captured graph and the config."""
     torch.manual_seed(0)
-    t0 = time.perf_counter()
     model = create_model(args.model, checkpoint=args.checkpoint)
     transform = model_transform(model, input_size=args.input_size)
     if args.data:
@@ -48,7 +48,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                   "evaluation, unlabeled)")
     example = calib_set[0][0].unsqueeze(0)
     graph = capture(model, example)
-    config = _config(args)
+    return model, calib_set, eval_set, source, graph, _config(args)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()
+    model, calib_set, eval_set, source, graph, config = _prepare(args)
     sim, plan = quantize(graph, loader(calib_set, args.batch_size), config, progress=not args.quiet)
     t_float = time.perf_counter()
     float_out, labels = predict(graph, loader(eval_set, args.batch_size), progress=not args.quiet, desc="float")
@@ -74,11 +79,27 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qsurgery", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"qsurgery {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    q = sub.add_parser("quantize", help="simulate int8 on a model and compare it with float")
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    model, calib_set, eval_set, _source, graph, config = _prepare(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    example = calib_set[0][0].unsqueeze(0)
+    verify = [b[0] for b in loader(eval_set, args.batch_size)]
+    stem = args.model.replace(":", "_").replace("/", "_")
+    report = export_onnx(graph, args.out / f"{stem}_float.onnx", example, opset=args.opset, verify_inputs=verify)
+    print(report.summary())
+    if not args.float_only:
+        sim, plan = quantize(graph, loader(calib_set, args.batch_size), config, progress=not args.quiet)
+        report = export_onnx(sim, args.out / f"{stem}_int8_qdq.onnx", example, opset=args.opset,
+                             verify_inputs=verify, calib_ranges_json=args.out / f"{stem}_ranges.json")
+        plan.to_json(args.out / f"{stem}_plan.json")
+        print(report.summary())
+        print(f"ranges {report.ranges_path}; plan {args.out / f'{stem}_plan.json'}")
+    return 0
+
+
+def _add_common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", default="efficientnet_lite0",
                    help="built-in name (efficientnet_lite0: real ImageNet weights), a timm name, or module:factory")
     q.add_argument("--checkpoint", type=Path, help="state_dict file to load into the model")
@@ -93,10 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target", choices=("int8", "full-int8", "pow2-int8"), default="int8")
     q.add_argument("--keep-float", action="append", default=[], metavar="LAYER",
                    help="keep this layer (name or glob) float; repeatable")
-    q.add_argument("--plan", type=Path, help="write the QuantPlan as JSON here")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qsurgery", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"qsurgery {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="simulate int8 on a model and compare it with float")
+    _add_common(q)
+    q.add_argument("--plan", type=Path, help="write the QuantPlan as JSON here")
     q.add_argument("-v", "--verbose", action="store_true", help="print the plan table")
     q.set_defaults(func=_cmd_quantize)
+    e = sub.add_parser("export", help="write float and QDQ ONNX, verified in onnxruntime")
+    _add_common(e)
+    e.add_argument("--out", type=Path, required=True, help="output folder")
+    e.add_argument("--opset", type=int, default=17)
+    e.add_argument("--float-only", action="store_true", help="only the float ONNX")
+    e.set_defaults(func=_cmd_export)
     return parser
 
 

@@ -12,6 +12,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -334,9 +335,14 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
     os.close(tmp_fd)
     try:
         try:
-            torch.onnx.export(module, example, tmp_name, dynamo=False, opset_version=min(opset, _EXPORTER_MAX_OPSET),
-                              input_names=in_names, output_names=out_names, do_constant_folding=True,
-                              dynamic_axes={n: {0: "batch"} for n in in_names + out_names})
+            with warnings.catch_warnings():
+                # the TorchScript exporter takes autograd.Function symbolics: exact Q/DQ nodes, no onnxscript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                warnings.filterwarnings("ignore", message=".*opset version.*")
+                torch.onnx.export(module, example, tmp_name, dynamo=False,
+                                  opset_version=min(opset, _EXPORTER_MAX_OPSET), input_names=in_names,
+                                  output_names=out_names, do_constant_folding=True,
+                                  dynamic_axes={n: {0: "batch"} for n in in_names + out_names})
         except Exception as exc:
             raise ExportError(_explain_export_failure(exc, model, opset)) from exc
         onnx_model = onnx.load(tmp_name)

@@ -116,3 +116,13 @@ def test_cli_reports_errors_without_traceback(capsys):
     assert main(["quantize", "--model", "resnet18", "--keep-float", "nope", "--calib", "2", "--eval", "2",
                  "--input-size", "32", "--quiet"]) == 2
     assert "match no quantized layer" in capsys.readouterr().err
+
+
+def test_cli_export_writes_verified_float_and_qdq(capsys, tmp_path):
+    code = main(["export", "--model", "resnet18", "--input-size", "32", "--calib", "2", "--eval", "2",
+                 "--batch-size", "2", "--quiet", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["resnet18_float.onnx", "resnet18_int8_qdq.onnx", "resnet18_plan.json", "resnet18_ranges.json"]
+    assert "QDQ ONNX" in out and "float ONNX" in out and "exact Q/DQ arithmetic" in out
