@@ -33,6 +33,16 @@ def run_onnx(path: Path, x: torch.Tensor, bs: int, optimize: bool) -> np.ndarray
     return np.concatenate([sess.run(None, {"input": x[i:i + bs].numpy()})[0] for i in range(0, len(x), bs)])
 
 
+def compare(onnx_out: np.ndarray, sim_out: np.ndarray, step: float) -> str:
+    """Max error in output steps / top-1 agreement with the simulation."""
+    agree = 100 * (onnx_out.argmax(1) == sim_out.argmax(1)).mean()
+    return f"{np.abs(onnx_out - sim_out).max() / step:6.2f} / {agree:6.2f} %"
+
+
+def top1(out: np.ndarray, labels: torch.Tensor) -> float:
+    return 100 * float((out.argmax(1) == labels.numpy()).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
@@ -85,15 +95,10 @@ def main() -> None:
         exact = run_onnx(path, xe, bs, optimize=False)
         fast = run_onnx(path, xe, bs, optimize=True)
 
-        def cmp(o):
-            return f"{np.abs(o - s_out).max() / step:6.2f} / {100 * (o.argmax(1) == s_out.argmax(1)).mean():6.2f} %"
-
-        def acc(o):
-            return 100 * (o.argmax(1) == ye.numpy()).mean()
-
-        print(f"| {name:<44} | {opset:5d} | {rep.size_bytes / 1e6:4.2f} | {rep.nodes_before:4d} -> {rep.nodes_after:4d} "
-              f"| {rep.qdq_pairs:4d} | {rep.int_weights:5d} | {cmp(exact):>20} | {cmp(fast):>30} | "
-              f"{acc(s_out):.2f} / {acc(exact):.2f} / {acc(fast):.2f} |", flush=True)
+        c_exact, c_fast = compare(exact, s_out, step), compare(fast, s_out, step)
+        print(f"| {name:<44} | {opset:5d} | {rep.size_bytes / 1e6:4.2f} | {rep.nodes_before:4d} -> "
+              f"{rep.nodes_after:4d} | {rep.qdq_pairs:4d} | {rep.int_weights:5d} | {c_exact:>20} | {c_fast:>30} | "
+              f"{top1(s_out, ye):.2f} / {top1(exact, ye):.2f} / {top1(fast, ye):.2f} |", flush=True)
 
 
 if __name__ == "__main__":

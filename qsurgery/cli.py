@@ -1,4 +1,5 @@
-"""Command line: ``qsurgery quantize`` (simulate int8, compare with float), ``qsurgery export`` (ONNX)."""
+"""Command line: ``qsurgery quantize`` (simulate int8, compare with float), ``qsurgery analyze`` (which layers
+break and why: report), ``qsurgery export`` (float and QDQ ONNX)."""
 
 from __future__ import annotations
 
@@ -99,6 +100,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _depthwise(graph) -> set[str]:
+    from torch import nn
+
+    return {name for name, m in graph.named_modules()
+            if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .analysis import compare_layers, prediction_flips, sensitivity
+    from .analysis.report import write_report
+
+    t0 = time.perf_counter()
+    model, calib_set, eval_set, source, graph, config = _prepare(args)
+    progress = not args.quiet
+    sim, plan = quantize(graph, loader(calib_set, args.batch_size), config, progress=progress)
+    evaluation = loader(eval_set, args.batch_size)
+    float_out, labels = predict(graph, evaluation, progress=progress, desc="float")
+    quant_out, _ = predict(sim, evaluation, progress=progress, desc="int8 simulated")
+    flips = prediction_flips(float_out, quant_out, labels)
+    metric = args.metric
+    if metric == "top1" and labels is None:
+        raise QSurgeryError("--metric top1 needs labeled images (--data with labels)")
+    n_sens = min(args.sens_images, len(eval_set))
+    sens_set = torch.utils.data.Subset(eval_set, list(range(n_sens)))
+    sens_loader = loader(sens_set, args.batch_size)
+    q1 = sensitivity(graph, None, sens_loader, metric=metric, mode="quantize_one", simulated=sim, progress=progress)
+    f1 = sensitivity(graph, None, sens_loader, metric=metric, mode="float_one", simulated=sim, progress=progress)
+    first_batch = next(iter(loader(eval_set, min(args.batch_size, 16))))[0]
+    layers = compare_layers(graph, sim, first_batch)
+    facts = [("model", args.model), ("images", source), ("quantization", config.describe()),
+             ("quantized ops", f"{len(plan)} ({len(plan.non_int8())} not int8)"),
+             ("agreement with float", f"{100 * flips.agreement:.2f} % of {flips.total} images")]
+    if labels is not None:
+        facts.append(("top-1", f"float {100 * flips.float_accuracy:.2f} %, int8 {100 * flips.quant_accuracy:.2f} %"))
+    facts.append(("sensitivity", f"{metric} on {n_sens} evaluation images, both modes"))
+    notes = [] if labels is not None else [
+        "No labels: quality is measured as agreement with the float model, not accuracy."]
+    if not args.data:
+        notes.append("No --data: calibrated and evaluated on crops of built-in sample photos; give your own "
+                     "images for numbers that mean something for your deployment.")
+    path = write_report(args.out, title=f"qsurgery analysis: {args.model}", facts=facts, plan=plan, flips=flips,
+                        quantize_one=q1, float_one=f1, layers=layers, depthwise=_depthwise(graph), notes=notes)
+    print(f"{flips.summary()}")
+    print("worst layers alone: " + ", ".join(f"{r.layer} ({r.delta:.3g})" for r in q1.top(5)))
+    print(f"report: {path} (and report.html) in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
 def _add_common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--model", default="efficientnet_lite0",
                    help="built-in name (efficientnet_lite0: real ImageNet weights), a timm name, or module:factory")
@@ -126,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plan", type=Path, help="write the QuantPlan as JSON here")
     q.add_argument("-v", "--verbose", action="store_true", help="print the plan table")
     q.set_defaults(func=_cmd_quantize)
+    a = sub.add_parser("analyze", help="find the layers int8 breaks and why; writes report.md/.html with plots")
+    _add_common(a)
+    a.add_argument("--out", type=Path, required=True, help="report folder")
+    a.add_argument("--metric", choices=("kl", "agreement", "top1", "sqnr"), default="kl",
+                   help="sensitivity metric (default kl: label-free and finer than top-1 on small sets)")
+    a.add_argument("--sens-images", type=int, default=64, help="evaluation images used for sensitivity")
+    a.set_defaults(func=_cmd_analyze)
     e = sub.add_parser("export", help="write float and QDQ ONNX, verified in onnxruntime")
     _add_common(e)
     e.add_argument("--out", type=Path, required=True, help="output folder")

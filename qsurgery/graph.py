@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantUnit", "find_units", "fold_batchnorm", "unit_of_nodes", "is_float_tensor_node"]
+__all__ = ["QuantUnit", "find_units", "fold_batchnorm", "unit_of_nodes", "is_float_tensor_node", "module_macs"]
 
 WEIGHTED_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                                       nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -219,3 +219,26 @@ def fold_batchnorm(gm: fx.GraphModule) -> dict[str, str]:
     gm.graph.lint()
     gm.recompile()
     return folded
+
+
+def module_macs(gm: fx.GraphModule) -> dict[str, int]:
+    """Multiply-accumulates per sample of every conv/linear call, from the shapes recorded at capture."""
+    out: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not is_weighted(gm, node):
+            continue
+        meta = node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            continue
+        m = gm.get_submodule(node.target)
+        shape = tuple(meta.shape)
+        per_sample = int(torch.tensor(shape[1:]).prod()) if len(shape) > 1 else 1
+        if isinstance(m, nn.Linear):
+            macs = per_sample * m.in_features
+        elif isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+            in_shape = node.args[0].meta.get("tensor_meta").shape
+            macs = int(torch.tensor(in_shape[1:]).prod()) * m.weight[0].numel()
+        else:
+            macs = per_sample * (m.in_channels // m.groups) * int(torch.tensor(m.kernel_size).prod())
+        out[node.target] = out.get(node.target, 0) + macs
+    return out
