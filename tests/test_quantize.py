@@ -326,3 +326,11 @@ def test_bad_overrides_are_refused_with_nearby_names():
     _, plan = quantize(graph, x, progress=False)
     with pytest.raises(ConfigError, match="close names"):
         plan["conv_1"]
+
+
+def test_an_input_named_explicitly_is_quantized_even_if_its_readers_are_float():
+    m = small_model()
+    x = torch.randn(2, 3, 12, 12)
+    cfg = QuantConfig.int8().override("*", dtype="float").override("input", dtype="int")
+    _, plan = quantize(capture(m, x), x, cfg, progress=False)
+    assert plan["input"].activation.is_int and plan["conv1"].is_float

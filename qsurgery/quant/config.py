@@ -169,6 +169,10 @@ class QuantConfig:
                 a = self._apply(a, ov.activation, ov.pattern)
         return w, a
 
+    def names_explicitly(self, name: str) -> bool:
+        """Whether an override names this layer exactly (not through a glob)."""
+        return any(ov.pattern == name for ov in self.overrides)
+
     def unmatched_patterns(self, names: list[str]) -> list[str]:
         """Override patterns that match none of ``names``."""
         return [ov.pattern for ov in self.overrides if not any(fnmatch.fnmatchcase(n, ov.pattern) for n in names)]

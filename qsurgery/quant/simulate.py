@@ -235,7 +235,8 @@ def _resolve_formats(units: list[QuantUnit], gm: fx.GraphModule, config: QuantCo
                                         n for n in gm.graph.nodes if n.name == u.anchor), owner)
         if consumers and all(out[c.name][1].dtype == "float" and (out[c.name][0] is None or
                                                                    out[c.name][0].dtype == "float")
-                             for c in consumers) and (plan is None or u.name not in plan):
+                             for c in consumers) and (plan is None or u.name not in plan) \
+                and not config.names_explicitly(u.name):
             w, _a, notes = out[u.name]
             out[u.name] = (w, _FLOAT, notes + ["kept float: every layer reading it is float"])
     return out
