@@ -149,3 +149,14 @@ def test_cli_analyze_writes_report(tmp_path, capsys):
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     assert {p.name for p in out.glob("*.png")} >= {"flips.png", "sensitivity_quantize_one.png", "sqnr_by_depth.png"}
     assert "worst layers alone" in capsys.readouterr().out
+
+
+def test_compare_layers_blames_coarse_weights():
+    torch.manual_seed(0)
+    model = Spread().eval()
+    x = torch.randn(8, 3, 6, 6)
+    graph = qsurgery.capture(model, x)
+    sim, _ = qsurgery.quantize(graph, x, QuantConfig.int8().override("head", weight_bits=2), progress=False)
+    report = compare_layers(graph, sim, x)
+    assert report["head"].weight_sqnr_db < 20 < report["conv"].weight_sqnr_db
+    assert any("weight rounding" in d for d in report["head"].diagnosis)

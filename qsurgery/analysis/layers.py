@@ -49,6 +49,7 @@ class LayerError:
     sqnr_db: float
     cosine: float
     rounding_sqnr_db: float | None
+    weight_sqnr_db: float | None
     clip_rate: float | None
     channel_spread: float | None
     diagnosis: list[str] = field(default_factory=list)
@@ -82,12 +83,13 @@ class LayerErrorReport:
 
     def to_markdown(self, only_weak: bool = True) -> str:
         rows = self.weak() if only_weak else self.rows
-        lines = ["| depth | layer | SQNR dB | own rounding dB | clipped | channel spread | diagnosis |",
-                 "|---:|---|---:|---:|---:|---:|---|"]
+        lines = ["| depth | layer | SQNR dB | own rounding dB | weights dB | clipped | channel spread | diagnosis |",
+                 "|---:|---|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             lines.append(
                 f"| {r.depth} | `{r.layer}` | {r.sqnr_db:.1f} | "
                 f"{'-' if r.rounding_sqnr_db is None else f'{r.rounding_sqnr_db:.1f}'} | "
+                f"{'-' if r.weight_sqnr_db is None else f'{r.weight_sqnr_db:.1f}'} | "
                 f"{'-' if r.clip_rate is None else f'{100 * r.clip_rate:.3f} %'} | "
                 f"{'-' if r.channel_spread is None else f'{r.channel_spread:.1f}x'} | {'; '.join(r.diagnosis)} |")
         return "\n".join(lines)
@@ -113,6 +115,17 @@ class LayerErrorReport:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return Path(path)
+
+
+def _weight_sqnr(module: torch.nn.Module, x: torch.Tensor, w_float: torch.Tensor, w_quant: torch.Tensor
+                 ) -> float | None:
+    """SQNR of the layer's output from its weight quantization alone, on its float input."""
+    bias = getattr(module, "bias", None)
+    if isinstance(module, torch.nn.Linear):
+        return _sqnr(torch.nn.functional.linear(x, w_float, bias), torch.nn.functional.linear(x, w_quant, bias))
+    if hasattr(module, "_conv_forward") and not isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+        return _sqnr(module._conv_forward(x, w_float, bias), module._conv_forward(x, w_quant, bias))
+    return None
 
 
 def _channel_spread(x: torch.Tensor) -> float | None:
@@ -143,6 +156,16 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
     captured: dict[str, torch.Tensor] = {}
     hooks = [simulated.quantizer(name).register_forward_hook(
         lambda _m, _i, out, _n=name: captured.__setitem__(_n, out.detach())) for name in plan.names()]
+    weight_inputs: dict[str, torch.Tensor] = {}
+    weighted = [layer for layer in plan if layer.module and layer.weight is not None and layer.weight.dtype != "float"
+                and layer.name in simulated._quant_weights]
+
+    def keep_input(name: str):
+        def hook(_module, inp, _out) -> None:  # must return None: a returned value replaces the output
+            weight_inputs.setdefault(name, inp[0].detach())
+        return hook
+
+    hooks += [gm.get_submodule(layer.module).register_forward_hook(keep_input(layer.name)) for layer in weighted]
     enabled = simulated.quantized_names()
     try:
         with torch.no_grad():
@@ -150,6 +173,11 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
             simulated(*inputs)
             floats = dict(captured)
             captured.clear()
+            weight_sqnr = {layer.name: _weight_sqnr(gm.get_submodule(layer.module), weight_inputs[layer.name],
+                                                    simulated._float_weights[layer.name],
+                                                    simulated._quant_weights[layer.name])
+                           for layer in weighted if layer.name in weight_inputs}
+            weight_inputs.clear()
             simulated.set_quantized(None, False)
             simulated.set_quantized(enabled, True)
             simulated(*inputs)
@@ -174,7 +202,8 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
             clip = float(((f < lo - 1e-6 * abs(lo)) | (f > hi + 1e-6 * abs(hi))).double().mean())
         spread = _channel_spread(f) if fmt is not None and fmt.is_int and not fmt.per_channel else None
         sq = _sqnr(f, q)
-        row = LayerError(layer.name, layer.kind, depth, sq, _cosine(f, q), rounding, clip, spread)
+        w_sq = weight_sqnr.get(layer.name) if layer.name in enabled else None
+        row = LayerError(layer.name, layer.kind, depth, sq, _cosine(f, q), rounding, w_sq, clip, spread)
         if layer.name in enabled and not layer.is_float:
             if clip is not None and clip > CLIP_RATE_LIMIT:
                 row.diagnosis.append(f"calibration does not cover these inputs ({100 * clip:.2f} % clipped) -> "
@@ -185,10 +214,12 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
             if rounding is not None and rounding < ROUNDING_SQNR_LIMIT:
                 row.diagnosis.append(f"rounding noise ({rounding:.1f} dB from its own int8 rounding) -> "
                                      "more bits for this layer (int16)")
-            if not row.diagnosis and math.isfinite(previous) and previous - sq > DROP_LIMIT and rounding is not None \
-                    and rounding > ROUNDING_SQNR_LIMIT:
-                row.diagnosis.append(f"SQNR falls {previous - sq:.1f} dB here from its weights -> "
-                                     "more weight bits / per-channel weights, or keep it float")
+            if w_sq is not None and w_sq < ROUNDING_SQNR_LIMIT:
+                row.diagnosis.append(f"weight rounding ({w_sq:.1f} dB from its int8 weights alone) -> more weight "
+                                     "bits, per-channel weights, or a dense replacement of a depthwise conv")
+            if not row.diagnosis and math.isfinite(previous) and previous - sq > DROP_LIMIT:
+                row.diagnosis.append(f"SQNR falls {previous - sq:.1f} dB here, though neither its own rounding nor "
+                                     "its weights do it alone: error from earlier layers is amplified here")
         rows.append(row)
         if math.isfinite(sq):
             previous = sq

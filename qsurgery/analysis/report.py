@@ -102,15 +102,16 @@ def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]
     if layers is not None:
         blocks.append(("h2", "Layer by layer: float vs int8 along the network"))
         blocks.append(("p", "SQNR of each quantized op's output (the error accumulated up to there), its own "
-                            "rounding alone, the share of values outside the calibrated range, and the spread of "
-                            "its per-channel ranges. Layers with a diagnosis:"))
+                            "activation rounding alone, its weight rounding alone, the share of values outside the "
+                            "calibrated range, and the spread of its per-channel ranges. Layers with a diagnosis:"))
         weak = [[str(r.depth), f"`{r.layer}`", f"{r.sqnr_db:.1f}",
                  "-" if r.rounding_sqnr_db is None else f"{r.rounding_sqnr_db:.1f}",
+                 "-" if r.weight_sqnr_db is None else f"{r.weight_sqnr_db:.1f}",
                  "-" if r.clip_rate is None else f"{100 * r.clip_rate:.3f} %",
                  "-" if r.channel_spread is None else f"{r.channel_spread:.1f}x", "; ".join(r.diagnosis)]
                 for r in layers.weak()]
-        blocks.append(("table", (["depth", "layer", "SQNR dB", "own rounding dB", "clipped", "channel spread",
-                                  "diagnosis"], weak)))
+        blocks.append(("table", (["depth", "layer", "SQNR dB", "own rounding dB", "weights dB", "clipped",
+                                  "channel spread", "diagnosis"], weak)))
         blocks.append(("img", "sqnr_by_depth.png"))
     blocks.append(("p", "Machine-readable: plan.json, sensitivity_*.json, layers.json."))
 
