@@ -22,7 +22,7 @@ __all__ = ["compare_layers", "LayerErrorReport", "LayerError"]
 CLIP_RATE_LIMIT = 1e-3  # more than 0.1 % of values outside the calibrated range
 SPREAD_LIMIT = 8.0  # per-channel ranges differing by more than 8x under one per-tensor scale
 ROUNDING_SQNR_LIMIT = 30.0  # dB: the layer's own int8 rounding costs more than this
-DROP_LIMIT = 3.0  # dB lost at one layer relative to the layer before
+AMPLIFY_LIMIT = 6.0  # dB worse than its input error and own noise sources add up to
 
 
 def _sqnr(ref: torch.Tensor, noisy: torch.Tensor) -> float:
@@ -115,6 +115,12 @@ class LayerErrorReport:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return Path(path)
+
+
+def _combined(sqnrs: list[float | None]) -> float:
+    """SQNR of independent noise sources added together (dB)."""
+    noise = sum(10 ** (-s / 10) for s in sqnrs if s is not None and math.isfinite(s))
+    return math.inf if noise == 0 else -10 * math.log10(noise)
 
 
 def _weight_sqnr(module: torch.nn.Module, x: torch.Tensor, w_float: torch.Tensor, w_quant: torch.Tensor
@@ -217,9 +223,11 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
             if w_sq is not None and w_sq < ROUNDING_SQNR_LIMIT:
                 row.diagnosis.append(f"weight rounding ({w_sq:.1f} dB from its int8 weights alone) -> more weight "
                                      "bits, per-channel weights, or a dense replacement of a depthwise conv")
-            if not row.diagnosis and math.isfinite(previous) and previous - sq > DROP_LIMIT:
-                row.diagnosis.append(f"SQNR falls {previous - sq:.1f} dB here, though neither its own rounding nor "
-                                     "its weights do it alone: error from earlier layers is amplified here")
+            expected = _combined([previous, rounding, w_sq])
+            if not row.diagnosis and math.isfinite(expected) and expected - sq > AMPLIFY_LIMIT:
+                row.diagnosis.append(f"SQNR {sq:.1f} dB is {expected - sq:.1f} dB below what its input error, "
+                                     "own rounding and weights add up to: it amplifies earlier error (large "
+                                     "weights or gains) -> fix the layers before it, or widen this one")
         rows.append(row)
         if math.isfinite(sq):
             previous = sq
