@@ -72,7 +72,9 @@ class FlipReport:
             fig.colorbar(im, ax=ax, label="images")
         ax.set_xlabel("int8 prediction")
         ax.set_ylabel("float prediction")
-        ax.set_title(self.summary()[:70], fontsize=8)
+        import textwrap
+
+        ax.set_title("\n".join(textwrap.wrap(self.summary(), 70)), fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
