@@ -1,0 +1,351 @@
+"""Replace depthwise-separable units (depthwise conv -> [BN] -> [act] -> 1x1 conv -> [BN]) by one dense k x k conv.
+
+Depthwise convs are where MobileNet/EfficientNet-style models lose int8 accuracy (one channel's few weights
+under one scale, large folded-BN gains). A dense conv carries the same function with well-conditioned
+weights. With nothing non-linear between the two convs the composition is exact
+(``W[o, i] = pw[o, i] * dw[i]``); with an activation between them the dense conv is fitted by least squares
+over im2col features of calibration data (closed form, no labels), optionally followed by a short
+distillation against the original model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CalibrationError, ConfigError, QSurgeryError
+from ..graph import BATCHNORM_MODULES, is_activation
+from ..quant.simulate import iter_inputs
+from .common import PassResult, graph_cost, refresh_shapes
+
+__all__ = ["dw_to_dense", "find_separable", "SeparableUnit"]
+
+
+@dataclass
+class SeparableUnit:
+    """A depthwise-separable unit found by structure in a captured graph."""
+
+    block: str
+    dw: str
+    bn1: str | None
+    act: str | None
+    pw: str
+    bn2: str | None
+    nodes: list[str]
+    macs: int
+    dense_macs: int
+
+    @property
+    def linear(self) -> bool:
+        return self.act is None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _is_pointwise(m: nn.Module, channels: int) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.groups == 1 and tuple(m.kernel_size) == (1, 1)
+            and tuple(m.stride) == (1, 1) and tuple(_pair(m.padding)) == (0, 0) and m.in_channels == channels)
+
+
+def _pair(v: Any) -> tuple:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _block_name(dw: str, pw: str) -> str:
+    a, b = dw.split("."), pw.split(".")
+    common = []
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common) if common else dw
+
+
+def _out_hw(node: fx.Node) -> int:
+    meta = node.meta.get("tensor_meta")
+    return int(meta.shape[-1] * meta.shape[-2]) if meta is not None and hasattr(meta, "shape") else 0
+
+
+def _match(gm: fx.GraphModule, node: fx.Node) -> tuple[SeparableUnit | None, str]:
+    """The unit starting at depthwise conv ``node``, or None and why not."""
+    dw = _module(gm, node)
+    if not _is_depthwise(dw):
+        return None, "it is not a depthwise conv (groups must equal in and out channels)"
+    chain = [node]
+    cur, bn1, act = node, None, None
+    nxt = _single_user(cur)
+    if nxt is not None and isinstance(_module(gm, nxt), BATCHNORM_MODULES):
+        bn1, cur = nxt.target, nxt
+        chain.append(nxt)
+        nxt = _single_user(cur)
+    if nxt is not None and is_activation(gm, nxt):
+        act, cur = nxt.name, nxt
+        chain.append(nxt)
+        nxt = _single_user(cur)
+    if nxt is None:
+        return None, f"its output ('{cur.name}') is read by {len(cur.users)} ops, not by one 1x1 conv"
+    pw = _module(gm, nxt)
+    if not _is_pointwise(pw, dw.out_channels) or nxt.args[0] is not cur:
+        return None, f"it is followed by '{nxt.name}', not by a 1x1 stride-1 conv over its {dw.out_channels} channels"
+    chain.append(nxt)
+    cur, bn2 = nxt, None
+    after = _single_user(cur)
+    if after is not None and isinstance(_module(gm, after), BATCHNORM_MODULES):
+        bn2 = after.target
+        chain.append(after)
+    hw = _out_hw(node)
+    k = dw.kernel_size[0] * dw.kernel_size[1]
+    macs = hw * (dw.out_channels * k + dw.out_channels * pw.out_channels)
+    dense = hw * pw.out_channels * dw.in_channels * k
+    unit = SeparableUnit(_block_name(node.target, nxt.target), node.target, bn1, act, nxt.target, bn2,
+                         [n.name for n in chain], macs, dense)
+    return unit, ""
+
+
+def find_separable(graph: fx.GraphModule) -> list[SeparableUnit]:
+    """Every depthwise-separable unit of a captured graph, in execution order (found by structure)."""
+    units = []
+    for node in graph.graph.nodes:
+        if node.op == "call_module" and _is_depthwise(_module(graph, node)):
+            unit, _ = _match(graph, node)
+            if unit is not None:
+                units.append(unit)
+    return units
+
+
+def _bn_affine(bn: nn.Module | None, channels: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if bn is None:
+        return torch.ones(channels, dtype=like.dtype, device=like.device), torch.zeros_like(like[:channels, 0, 0, 0])
+    scale = (bn.weight if bn.weight is not None else 1.0) / torch.sqrt(bn.running_var + bn.eps)
+    shift = (bn.bias if bn.bias is not None else 0.0) - bn.running_mean * scale
+    return scale.detach(), shift.detach()
+
+
+def _compose(dw: nn.Conv2d, bn1: nn.Module | None, pw: nn.Conv2d, bn2: nn.Module | None) -> nn.Conv2d:
+    """The dense conv equal to dw -> bn1 -> pw -> bn2 (no activation between)."""
+    with torch.no_grad():
+        s1, t1 = _bn_affine(bn1, dw.out_channels, dw.weight)
+        wd = dw.weight[:, 0] * s1[:, None, None]
+        bd = (dw.bias if dw.bias is not None else torch.zeros_like(s1)) * s1 + t1
+        s2, t2 = _bn_affine(bn2, pw.out_channels, pw.weight)
+        wp = pw.weight[:, :, 0, 0] * s2[:, None]
+        bp = (pw.bias if pw.bias is not None else torch.zeros_like(s2)) * s2 + t2
+        dense = _dense_like(dw, pw)
+        dense.weight.copy_(wp[:, :, None, None] * wd[None])
+        dense.bias.copy_(bp + wp @ bd)
+    return dense
+
+
+def _dense_like(dw: nn.Conv2d, pw: nn.Conv2d) -> nn.Conv2d:
+    return nn.Conv2d(dw.in_channels, pw.out_channels, dw.kernel_size, dw.stride, dw.padding, dw.dilation,
+                     groups=1, bias=True, padding_mode=dw.padding_mode, device=dw.weight.device,
+                     dtype=dw.weight.dtype).eval()
+
+
+def _fit(gm: fx.GraphModule, unit: SeparableUnit, calib: list[tuple[torch.Tensor, ...]], ridge: float
+         ) -> tuple[nn.Conv2d, list[str]]:
+    """Least-squares dense conv from the unit's calibration inputs to its outputs (im2col, closed form)."""
+    dw = gm.get_submodule(unit.dw)
+    pw = gm.get_submodule(unit.pw)
+    last = gm.get_submodule(unit.bn2 or unit.pw)
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(key: str, pick):
+        def hook(_m, inp, out) -> None:
+            seen[key] = pick(inp, out).detach()
+        return hook
+
+    hooks = [dw.register_forward_hook(keep("x", lambda i, o: i[0])),
+             last.register_forward_hook(keep("y", lambda i, o: o))]
+    d = dw.in_channels * dw.kernel_size[0] * dw.kernel_size[1] + 1
+    a = torch.zeros(d, d, dtype=torch.float64)
+    b = torch.zeros(d, pw.out_channels, dtype=torch.float64)
+    rows = 0
+    try:
+        with torch.no_grad():
+            for inputs in calib:
+                gm(*inputs)
+                x, y = seen["x"], seen["y"]
+                if dw.padding_mode != "zeros":
+                    raise QSurgeryError(f"{unit.dw}: padding mode {dw.padding_mode!r} is not supported by reconstruct")
+                cols = F.unfold(x, dw.kernel_size, dw.dilation, _pair(dw.padding), dw.stride)  # N, C*k*k, L
+                phi = torch.cat([cols, torch.ones_like(cols[:, :1])], 1)  # N, d, L
+                target = y.reshape(y.shape[0], y.shape[1], -1)
+                # per-batch sums in float32 (fast), accumulated across batches in float64
+                a += torch.einsum("ndl,nel->de", phi, phi).double().cpu()
+                b += torch.einsum("ndl,nol->do", phi, target).double().cpu()
+                rows += phi.shape[0] * phi.shape[2]
+    finally:
+        for h in hooks:
+            h.remove()
+    notes = []
+    if rows < d:
+        raise CalibrationError(
+            f"{unit.block}: {rows} calibration positions cannot determine {d} unknowns per output channel; "
+            f"give at least {math.ceil(d / max(rows / max(len(calib), 1), 1))} calibration batches like these")
+    lam = ridge * float(torch.trace(a)) / d
+    if rows < 10 * d:
+        lam = max(lam, 1e-3 * float(torch.trace(a)) / d)
+        msg = (f"{unit.block}: only {rows} calibration positions for {d} unknowns: fitted with stronger "
+               "regularisation; more calibration images give a better fit")
+        warnings.warn(msg, stacklevel=3)
+        notes.append(msg)
+    w = torch.linalg.solve(a + lam * torch.eye(d, dtype=torch.float64), b)  # d x out
+    dense = _dense_like(dw, pw)
+    with torch.no_grad():
+        dense.weight.copy_(w[:-1].T.reshape(dense.weight.shape).to(dense.weight))
+        dense.bias.copy_(w[-1].to(dense.bias))
+    return dense, notes
+
+
+def _replace(gm: fx.GraphModule, unit: SeparableUnit, dense: nn.Module) -> str:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    chain = [nodes[n] for n in unit.nodes]
+    path = f"{unit.block}.conv_dense" if unit.block != unit.dw else f"{unit.dw}_dense"
+    gm.add_submodule(path, dense)
+    with gm.graph.inserting_before(chain[0]):
+        new = gm.graph.call_module(path, (chain[0].args[0],))
+    new.meta = dict(chain[-1].meta)
+    chain[-1].replace_all_uses_with(new)
+    for node in reversed(chain):
+        gm.graph.erase_node(node)
+    return path
+
+
+def _relative_error(a: torch.nn.Module, b: torch.nn.Module, calib: list[tuple[torch.Tensor, ...]]) -> float:
+    num = den = 0.0
+    with torch.no_grad():
+        for inputs in calib:
+            ya, yb = a(*inputs), b(*inputs)
+            ya = ya if isinstance(ya, torch.Tensor) else ya[0]
+            yb = yb if isinstance(yb, torch.Tensor) else yb[0]
+            num += float((ya - yb).double().pow(2).sum())
+            den += float(ya.double().pow(2).sum())
+    return math.sqrt(num / max(den, 1e-30))
+
+
+def _distill(original: fx.GraphModule, new: fx.GraphModule, params: list[nn.Parameter],
+             calib: list[tuple[torch.Tensor, ...]], steps: int, lr: float) -> None:
+    """Short distillation of the new convs only: KL(original || new) on calibration inputs (T=1)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    new.train(False)
+    for step in range(steps):
+        inputs = calib[step % len(calib)]
+        with torch.no_grad():
+            target = original(*inputs)
+        out = new(*inputs)
+        loss = F.kl_div(F.log_softmax(out, 1), F.log_softmax(target, 1), log_target=True, reduction="batchmean") \
+            if out.dim() == 2 else F.mse_loss(out, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
+                mode: Literal["auto", "exact", "reconstruct"] = "auto", calib_data: Iterable | None = None,
+                ridge: float = 1e-6, finetune_steps: int = 0, finetune_lr: float = 1e-4) -> PassResult:
+    """Replace the named depthwise-separable units (by block name, e.g. ``"blocks.0.0"``, or depthwise conv
+    name) with dense convs. ``blocks=None`` changes nothing and lists every candidate with its MACs.
+
+    ``mode="exact"`` composes the two convs (refused where an activation sits between them);
+    ``"reconstruct"`` fits the dense conv on ``calib_data`` by least squares; ``"auto"`` picks per unit.
+    ``finetune_steps`` > 0 then distils the new convs against the original model on ``calib_data``.
+    """
+    if mode not in ("auto", "exact", "reconstruct"):
+        raise ConfigError(f"mode must be 'auto', 'exact' or 'reconstruct', got {mode!r}")
+    candidates = find_separable(graph)
+    before = graph_cost(graph)
+    if blocks is None:
+        changes = [{"candidate": u.block, "depthwise": u.dw, "pointwise": u.pw, "exact_possible": u.linear,
+                    "macs": u.macs, "dense_macs": u.dense_macs} for u in candidates]
+        return PassResult(copy.deepcopy(graph), changes, True, before, before,
+                          notes=["dry run: nothing replaced; pass blocks=[...] to replace"])
+    by_name = {u.block: u for u in candidates} | {u.dw: u for u in candidates}
+    chosen: list[SeparableUnit] = []
+    for name in blocks:
+        if name not in by_name:
+            raise ConfigError(f"{name!r} is not a depthwise-separable unit: {_why_not(graph, name, candidates)}")
+        chosen.append(by_name[name])
+    needs_fit = [u for u in chosen if not u.linear or mode == "reconstruct"]
+    if mode == "exact" and any(not u.linear for u in chosen):
+        bad = [u.block for u in chosen if not u.linear]
+        raise ConfigError(f"exact mode cannot replace {bad}: an activation sits between the depthwise and the 1x1 "
+                          "conv; use mode='reconstruct' (or 'auto') with calib_data")
+    calib: list[tuple[torch.Tensor, ...]] = []
+    if needs_fit or finetune_steps:
+        if calib_data is None:
+            raise CalibrationError(f"reconstructing {[u.block for u in needs_fit] or 'the fine-tune'} needs "
+                                   "calib_data (input batches)")
+        n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
+        device = next(iter(graph.parameters())).device
+        calib = list(iter_inputs(calib_data, n_inputs, expected_shapes=graph.meta.get("qsurgery_input_shapes"),
+                                 device=device))
+    new = copy.deepcopy(graph)
+    new.meta.update(copy.deepcopy(dict(graph.meta)))
+    changes, notes, new_params = [], [], []
+    exact = True
+    for unit in chosen:
+        if unit.linear and mode != "reconstruct":
+            dense = _compose(new.get_submodule(unit.dw), new.get_submodule(unit.bn1) if unit.bn1 else None,
+                             new.get_submodule(unit.pw), new.get_submodule(unit.bn2) if unit.bn2 else None)
+            how = "exact"
+        else:
+            dense, fit_notes = _fit(new, unit, calib, ridge)
+            notes += fit_notes
+            how = "reconstructed"
+            exact = False
+        path = _replace(new, unit, dense)
+        new_params += list(dense.parameters())
+        changes.append({"block": unit.block, "replaced": unit.nodes, "new": path, "how": how,
+                        "macs_before": unit.macs, "macs_after": unit.dense_macs})
+    new.delete_all_unused_submodules()
+    new.graph.lint()
+    new.recompile()
+    refresh_shapes(new)
+    if finetune_steps:
+        _distill(graph, new, new_params, calib, finetune_steps, finetune_lr)
+        exact = False
+        notes.append(f"distilled the new convs for {finetune_steps} steps against the original model")
+    result = PassResult(new, changes, exact, before, graph_cost(new), notes=notes)
+    if calib:
+        result.float_error = _relative_error(graph, new, calib)
+    return result
+
+
+def _why_not(gm: fx.GraphModule, name: str, candidates: list[SeparableUnit]) -> str:
+    modules = dict(gm.named_modules())
+    if name not in modules:
+        from difflib import get_close_matches
+
+        near = get_close_matches(name, [u.block for u in candidates] + list(modules), n=4)
+        return f"no such block or module (close: {near}); candidates: {[u.block for u in candidates][:8]}"
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == name:
+            return _match(gm, node)[1] or "it matched, but not by that name"
+    inner = [n for n in gm.graph.nodes if n.op == "call_module" and str(n.target).startswith(name + ".")
+             and _is_depthwise(_module(gm, n))]
+    if not inner:
+        return "it contains no depthwise conv"
+    return _match(gm, inner[0])[1] or f"its depthwise conv is {inner[0].target}"
