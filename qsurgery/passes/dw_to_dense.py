@@ -212,7 +212,14 @@ def _fit(gm: fx.GraphModule, unit: SeparableUnit, calib: list[tuple[torch.Tensor
                "regularisation; more calibration images give a better fit")
         warnings.warn(msg, stacklevel=3)
         notes.append(msg)
-    w = torch.linalg.solve(a + lam * torch.eye(d, dtype=torch.float64), b)  # d x out
+    # ridge towards the composition that ignores the activation (not towards zero): im2col features of
+    # neighbouring pixels are nearly collinear, and an unanchored fit takes large cancelling weights that
+    # int8 cannot represent
+    prior = _compose(dw, gm.get_submodule(unit.bn1) if unit.bn1 else None, pw,
+                     gm.get_submodule(unit.bn2) if unit.bn2 else None)
+    w0 = torch.cat([prior.weight.detach().reshape(pw.out_channels, -1).T,
+                    prior.bias.detach()[None]]).double().cpu()
+    w = torch.linalg.solve(a + lam * torch.eye(d, dtype=torch.float64), b + lam * w0)  # d x out
     dense = _dense_like(dw, pw)
     with torch.no_grad():
         dense.weight.copy_(w[:-1].T.reshape(dense.weight.shape).to(dense.weight))
@@ -265,7 +272,7 @@ def _distill(original: fx.GraphModule, new: fx.GraphModule, params: list[nn.Para
 
 def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
                 mode: Literal["auto", "exact", "reconstruct"] = "auto", calib_data: Iterable | None = None,
-                ridge: float = 1e-6, finetune_steps: int = 0, finetune_lr: float = 1e-4) -> PassResult:
+                ridge: float = 1e-2, finetune_steps: int = 0, finetune_lr: float = 1e-4) -> PassResult:
     """Replace the named depthwise-separable units (by block name, e.g. ``"blocks.0.0"``, or depthwise conv
     name) with dense convs. ``blocks=None`` changes nothing and lists every candidate with its MACs.
 
