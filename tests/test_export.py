@@ -47,7 +47,7 @@ def test_qdq_export_carries_our_scales_exactly(simulated, tmp_path):
         assert inits[node.input[0]].dtype.name == "int8"
         assert inits[node.input[1]].shape[0] == inits[node.input[0]].shape[0]  # per output channel
     conv2_scale = next(inits[n.input[1]] for n in dq_weights if n.input[0].startswith("conv2"))
-    assert torch.allclose(torch.from_numpy(conv2_scale), plan["conv2"].weight_scale)
+    assert torch.allclose(torch.tensor(conv2_scale), plan["conv2"].weight_scale)
     data = json.loads(ranges.read_text())
     assert data["input"]["scale"] == pytest.approx(plan["input"].scale)
     assert {v["layer"] for v in data.values()} == set(plan.names())
