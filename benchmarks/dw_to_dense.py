@@ -10,10 +10,9 @@ import argparse
 import time
 
 import torch
+from _lite0 import load_lite0
 
 import qsurgery
-from qsurgery.data import ImageFolder, model_transform, split, stack
-from qsurgery.models import efficientnet_lite0
 from qsurgery.passes import dw_to_dense
 
 CONFIGS = [
@@ -31,14 +30,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--finetune-steps", type=int, default=0)
     args = ap.parse_args()
-    model = efficientnet_lite0()
-    dataset = ImageFolder(args.data, model_transform(model))
-    calib_set, eval_set = split(dataset, args.calib)
-    xc, _ = stack(calib_set)
-    xe, ye = stack(eval_set)
     bs = args.batch_size
-    calib = [xc[i:i + bs] for i in range(0, len(xc), bs)]
-    graph = qsurgery.capture(model, xc[:1])
+    d = load_lite0(args.data, args.calib, bs)
+    graph, xc, xe, ye, calib = d.graph, d.xc, d.xe, d.ye, d.calib
     with torch.no_grad():
         ref = torch.cat([graph(xe[i:i + bs]) for i in range(0, len(xe), bs)])
     print(f"# EfficientNet-Lite0 (real weights): {len(xc)} calibration images (fit + int8 calibration), "

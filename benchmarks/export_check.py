@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from _lite0 import load_lite0
 
 import qsurgery
-from qsurgery.data import ImageFolder, model_transform, split, stack
 from qsurgery.export import export_onnx
-from qsurgery.models import efficientnet_lite0
 
 
 def run_onnx(path: Path, x: torch.Tensor, bs: int, optimize: bool) -> np.ndarray:
@@ -53,14 +52,9 @@ def main() -> None:
     out = args.out or Path(tempfile.mkdtemp(prefix="qsurgery-export-"))
     out.mkdir(parents=True, exist_ok=True)
 
-    model = efficientnet_lite0()
-    dataset = ImageFolder(args.data, model_transform(model))
-    calib_set, eval_set = split(dataset, args.calib)
-    xc, _ = stack(calib_set)
-    xe, ye = stack(eval_set)
     bs = args.batch_size
-    calib = [xc[i:i + bs] for i in range(0, len(xc), bs)]
-    graph = qsurgery.capture(model, xc[:1])
+    d = load_lite0(args.data, args.calib, bs)
+    graph, xc, xe, ye, calib = d.graph, d.xc, d.xe, d.ye, d.calib
     print(f"# EfficientNet-Lite0 (real weights): {len(xc)} calibration / {len(xe)} evaluation images; files in {out}")
 
     with torch.no_grad():

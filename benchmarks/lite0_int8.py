@@ -15,10 +15,9 @@ import time
 import warnings
 
 import torch
+from _lite0 import load_lite0
 
 import qsurgery
-from qsurgery.data import ImageFolder, model_transform, split, stack
-from qsurgery.models import efficientnet_lite0
 
 
 def batches(x: torch.Tensor, bs: int) -> list[torch.Tensor]:
@@ -63,16 +62,11 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    model = efficientnet_lite0()
-    dataset = ImageFolder(args.data, model_transform(model))
-    calib_set, eval_set = split(dataset, args.calib)
     t0 = time.perf_counter()
-    xc, _ = stack(calib_set)
-    xe, ye = stack(eval_set)
+    d = load_lite0(args.data, args.calib, args.batch_size)
+    model, graph, xc, xe, ye, calib = d.model, d.graph, d.xc, d.xe, d.ye, d.calib
     print(f"# EfficientNet-Lite0 (real weights), {len(xc)} calibration / {len(xe)} evaluation images "
-          f"(disjoint, seeded split); preprocessing {time.perf_counter() - t0:.1f} s")
-    calib = batches(xc, args.batch_size)
-    graph = qsurgery.capture(model, xc[:1])
+          f"(disjoint, seeded split); set-up {time.perf_counter() - t0:.1f} s")
     ref = logits(graph, xe, args.batch_size)
     f_top1 = qsurgery.top1(ref, ye)
     print(f"float top-1: {100 * f_top1:.2f} %\n")

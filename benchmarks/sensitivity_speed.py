@@ -12,11 +12,10 @@ import argparse
 import time
 
 import torch
+from _lite0 import load_lite0
 
 import qsurgery
 from qsurgery.analysis import sensitivity
-from qsurgery.data import ImageFolder, model_transform, split, stack
-from qsurgery.models import efficientnet_lite0
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -38,16 +37,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
 
-    model = efficientnet_lite0()
-    dataset = ImageFolder(args.data, model_transform(model))
-    calib_set, rest = split(dataset, args.images)
-    eval_set = torch.utils.data.Subset(rest, list(range(args.images)))
-    xc, _ = stack(calib_set)
-    xe, ye = stack(eval_set)
     bs = args.batch_size
-    calib = [xc[i:i + bs] for i in range(0, len(xc), bs)]
+    d = load_lite0(args.data, args.images, bs, eval_limit=args.images)
+    graph, xc, xe, ye, calib = d.graph, d.xc, d.xe, d.ye, d.calib
     evals = [(xe[i:i + bs], ye[i:i + bs]) for i in range(0, len(xe), bs)]
-    graph = qsurgery.capture(model, xc[:1])
     print(f"# EfficientNet-Lite0 (real weights), {len(xc)} calibration + {len(xe)} evaluation images, metric: KL "
           f"divergence of int8 from float outputs, mode quantize_one")
 
