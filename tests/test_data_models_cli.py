@@ -126,3 +126,14 @@ def test_cli_export_writes_verified_float_and_qdq(capsys, tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["resnet18_float.onnx", "resnet18_int8_qdq.onnx", "resnet18_plan.json", "resnet18_ranges.json"]
     assert "QDQ ONNX" in out and "float ONNX" in out and "exact Q/DQ arithmetic" in out
+
+
+def test_create_model_from_a_factory_path_and_a_checkpoint(tmp_path):
+    model = create_model("torchvision.models:mobilenet_v3_small")
+    assert type(model).__name__ == "MobileNetV3" and not model.training
+    ckpt = tmp_path / "w.pt"
+    torch.save({k: torch.zeros_like(v) for k, v in model.state_dict().items()}, ckpt)
+    loaded = create_model("torchvision.models:mobilenet_v3_small", checkpoint=ckpt)
+    assert all(float(v.abs().sum()) == 0 for v in loaded.state_dict().values())
+    with pytest.raises(ModelLoadError, match="does not fit"):
+        create_model("resnet18", checkpoint=ckpt)
