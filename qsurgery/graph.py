@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantUnit", "find_units", "fold_batchnorm", "unit_of_nodes", "is_float_tensor_node", "module_macs"]
+__all__ = ["QuantUnit", "find_units", "fold_batchnorm", "is_float_tensor_node", "module_macs"]
 
 WEIGHTED_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                                       nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -166,11 +166,6 @@ def find_units(gm: fx.GraphModule) -> list[QuantUnit]:
             out = nxt
         units.append(QuantUnit(unique(name), kind, node.name, out.name, members, module))
     return units
-
-
-def unit_of_nodes(units: list[QuantUnit]) -> dict[str, QuantUnit]:
-    """Map every node name that belongs to a unit to that unit."""
-    return {n: u for u in units for n in u.nodes}
 
 
 def _fold_into(conv: nn.Module, bn: nn.Module) -> None:

@@ -388,11 +388,3 @@ def _check_stats(quantizers: dict[str, ActQuantizer]) -> None:
         raise CalibrationError(
             f"the float model produces NaN/inf values during calibration (first at {bad[0]!r}); "
             "check the model and the input normalisation")
-
-
-def units_of(graph: fx.GraphModule) -> list[QuantUnit]:
-    """The units quantize() would create for ``graph`` (after BN folding), without calibrating."""
-    gm = copy.deepcopy(graph)
-    fold_batchnorm(gm)
-    return find_units(gm)
-
