@@ -22,6 +22,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import CaptureError
+from .graph import pair, set_module
 
 __all__ = ["capture", "CaptureError"]
 
@@ -159,32 +160,22 @@ def _same_pads(in_hw: Sequence[int], kernel: Sequence[int], stride: Sequence[int
     return left, right, top, bottom
 
 
-def _pair(v: Any) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)  # type: ignore[return-value]
-
-
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
-
-
 def _plain_same_pad(module: nn.Module, in_shape: torch.Size) -> tuple[tuple[int, int, int, int], float, nn.Module]:
     """The static pad and plain module that compute what a timm *Same module computes on ``in_shape``."""
     hw = tuple(in_shape[-2:])
     conv_same, max_same, _avg_same = _SAME_PAD_TYPES
     if isinstance(module, conv_same):
-        pads = _same_pads(hw, module.weight.shape[-2:], _pair(module.stride), _pair(module.dilation))
+        pads = _same_pads(hw, module.weight.shape[-2:], pair(module.stride), pair(module.dilation))
         plain = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, 0,
                           module.dilation, module.groups, module.bias is not None,
                           device=module.weight.device, dtype=module.weight.dtype)
         plain.load_state_dict(module.state_dict())
         return pads, 0.0, plain
     if isinstance(module, max_same):
-        pads = _same_pads(hw, _pair(module.kernel_size), _pair(module.stride), _pair(module.dilation))
+        pads = _same_pads(hw, pair(module.kernel_size), pair(module.stride), pair(module.dilation))
         return pads, float("-inf"), nn.MaxPool2d(module.kernel_size, module.stride, 0, module.dilation,
                                                   ceil_mode=module.ceil_mode)
-    pads = _same_pads(hw, _pair(module.kernel_size), _pair(module.stride), (1, 1))
+    pads = _same_pads(hw, pair(module.kernel_size), pair(module.stride), (1, 1))
     return pads, 0.0, nn.AvgPool2d(module.kernel_size, module.stride, 0, module.ceil_mode,
                                    module.count_include_pad)
 
@@ -224,7 +215,7 @@ def _specialise(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
             if node.target not in shapes:  # never called on the example input: leave it as it is
                 continue
             pads, value, plain = _plain_same_pad(module, shapes[node.target])
-            _set_module(gm, node.target, plain)
+            set_module(gm, node.target, plain)
             if any(pads):
                 with gm.graph.inserting_before(node):
                     pad = gm.graph.call_function(F.pad, (node.args[0], pads), {"value": value})
@@ -243,7 +234,7 @@ def _specialise(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
                 new.meta = dict(node.meta)
                 last.replace_all_uses_with(new, delete_user_cb=lambda u, _new=new: u is not _new)
                 last = new
-            _set_module(gm, node.target, bn)
+            set_module(gm, node.target, bn)
     gm.graph.lint()
     gm.recompile()
 

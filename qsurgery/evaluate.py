@@ -9,14 +9,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .graph import device_of
 
 __all__ = ["predict", "top1", "agreement"]
-
-
-def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -26,7 +21,7 @@ def predict(model: nn.Module, data: Any, *, progress: bool = False, desc: str = 
 
     Returns the concatenated outputs (on the CPU) and the labels if every batch carried them.
     """
-    device = _device(model)
+    device = device_of(model)
     batches = [data] if isinstance(data, torch.Tensor) else data
     outputs, labels, all_labeled = [], [], True
     for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):

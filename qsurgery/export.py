@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import QSurgeryError
+from .graph import set_module
 from .quant.config import TensorFormat
 from .quant.simulate import ActQuantizer, SimulatedModel
 
@@ -140,11 +141,6 @@ class _ExportWeighted(nn.Module):
         raise ExportError(f"integer weights of {type(self.inner).__name__} are not exported; keep it float or fp16")
 
 
-def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
-
-
 def _export_module(sim: SimulatedModel) -> tuple[fx.GraphModule, dict[str, str]]:
     """A copy of the simulated graph whose quantizers and weights export as Q/DQ."""
     gm = copy.deepcopy(sim.graph_module)
@@ -156,7 +152,7 @@ def _export_module(sim: SimulatedModel) -> tuple[fx.GraphModule, dict[str, str]]
     node_of_unit: dict[str, str] = {}
     for layer in sim.plan:
         path = sim._quantizers[layer.name]
-        _set_module(gm, path, _ExportActQuant(gm.get_submodule(path)))
+        set_module(gm, path, _ExportActQuant(gm.get_submodule(path)))
         node_of_unit[layer.name] = path
         enabled = sim._enabled.get(layer.name, True)
         if layer.module is None or layer.weight is None or not enabled:
@@ -166,7 +162,7 @@ def _export_module(sim: SimulatedModel) -> tuple[fx.GraphModule, dict[str, str]]
             module.weight.copy_(sim._float_weights[layer.name])
         if layer.weight.is_int:
             axis = 1 if isinstance(module, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 0
-            _set_module(gm, layer.module, _ExportWeighted(module, layer.weight, layer.weight_scale, axis))
+            set_module(gm, layer.module, _ExportWeighted(module, layer.weight, layer.weight_scale, axis))
         elif layer.weight.dtype == "fp16":
             with torch.no_grad():
                 module.weight.copy_(sim._quant_weights[layer.name])
@@ -248,7 +244,8 @@ def _simplify(model):
 def _ranges(model, sim: SimulatedModel) -> dict:
     """Per activation tensor: the float range and scale/zero point, keyed by the ONNX tensor name."""
     out = {}
-    qnodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and not _is_weight(model, n)]
+    weights = _initializers(model)
+    qnodes = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights]
     layers = [layer for layer in sim.plan if layer.activation is not None and layer.activation.is_int
               and sim._enabled.get(layer.name, True)]
     for node, layer in zip(qnodes, layers):
@@ -258,9 +255,8 @@ def _ranges(model, sim: SimulatedModel) -> dict:
     return out
 
 
-def _is_weight(model, node) -> bool:
-    inits = {i.name for i in model.graph.initializer}
-    return node.input[0] in inits
+def _initializers(model) -> set[str]:
+    return {i.name for i in model.graph.initializer}
 
 
 def _flatten(out: Any) -> list[torch.Tensor]:
@@ -368,7 +364,8 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
                           output_names=out_names)
     if qdq:
         report.qdq_pairs = sum(n.op_type == "QuantizeLinear" for n in onnx_model.graph.node)
-        report.int_weights = sum(n.op_type == "DequantizeLinear" and _is_weight(onnx_model, n)
+        weights = _initializers(onnx_model)
+        report.int_weights = sum(n.op_type == "DequantizeLinear" and n.input[0] in weights
                                  for n in onnx_model.graph.node)
     if calib_ranges_json is not None:
         ranges = _ranges(onnx_model, model)
@@ -386,7 +383,7 @@ def _float_copy(sim: SimulatedModel) -> fx.GraphModule:
             m.active = False
     for name, mod in list(gm.named_modules()):
         if isinstance(mod, _ExportWeighted):
-            _set_module(gm, name, mod.inner)
+            set_module(gm, name, mod.inner)
     return gm
 
 

@@ -18,7 +18,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantUnit", "find_units", "fold_batchnorm", "is_float_tensor_node", "module_macs"]
+__all__ = ["QuantUnit", "find_units", "fold_batchnorm", "is_float_tensor_node", "module_macs", "device_of",
+           "set_module"]
 
 WEIGHTED_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                                       nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -48,6 +49,26 @@ PASSTHROUGH_METHODS = {
     "expand", "expand_as", "narrow", "repeat", "__getitem__", "clone", "detach", "view_as", "reshape_as",
     "unflatten",
 }
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's parameters (else buffers) live; the CPU for a module without tensors."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def pair(v) -> tuple:
+    """A conv/pool size argument as a 2-tuple."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``path`` under ``root`` (replacing what is there)."""
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def is_float_tensor_node(node: fx.Node) -> bool:

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import QSurgeryError
+from ..graph import device_of
 from ..quant.observers import fake_quant
 from ..quant.simulate import SimulatedModel, iter_inputs
 
@@ -155,7 +156,7 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
         raise QSurgeryError("compare_layers() needs the SimulatedModel returned by qsurgery.quantize()")
     gm = simulated.graph_module
     n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    device = next(iter(gm.parameters())).device if any(True for _ in gm.parameters()) else torch.device("cpu")
+    device = device_of(gm)
     inputs = next(iter(iter_inputs(batch, n_inputs, expected_shapes=gm.meta.get("qsurgery_input_shapes"),
                                    device=device, what="comparison")))
     plan = simulated.plan
@@ -184,7 +185,6 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
                                                     simulated._quant_weights[layer.name])
                            for layer in weighted if layer.name in weight_inputs}
             weight_inputs.clear()
-            simulated.set_quantized(None, False)
             simulated.set_quantized(enabled, True)
             simulated(*inputs)
             quants = dict(captured)

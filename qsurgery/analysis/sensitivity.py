@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, QSurgeryError
-from ..graph import module_macs
+from ..graph import device_of, module_macs
 from ..quant.config import QuantConfig
 from ..quant.simulate import SimulatedModel, quantize
 
@@ -71,11 +71,7 @@ class _Accumulator:
 
     @property
     def badness(self) -> float:
-        if callable(self.metric) or self.metric in ("top1", "agreement"):
-            return -self.value
-        if self.metric == "sqnr":
-            return -self.value
-        return self.value
+        return self.value if self.metric == "kl" else -self.value  # KL: lower is better; the rest: higher
 
 
 @dataclass
@@ -256,7 +252,7 @@ def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metri
     except TypeError:
         total = None
     bar = tqdm(total=total, desc=f"sensitivity ({mode})", unit="layer-run", disable=not progress, leave=False)
-    device = next(iter(gm.parameters())).device if any(True for _ in gm.parameters()) else torch.device("cpu")
+    device = device_of(gm)
     enabled_before = sim.quantized_names()
     n_batches = 0
     try:

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..graph import module_macs
+from ..graph import device_of, module_macs
 
 __all__ = ["PassResult", "graph_cost", "refresh_shapes"]
 
@@ -18,7 +18,7 @@ def refresh_shapes(gm: fx.GraphModule) -> None:
     shapes = gm.meta.get("qsurgery_input_shapes")
     if not shapes:
         return
-    device = next(iter(gm.parameters())).device if any(True for _ in gm.parameters()) else torch.device("cpu")
+    device = device_of(gm)
     with torch.no_grad():
         ShapeProp(gm).propagate(*[torch.zeros(s, device=device) for s in shapes])
 

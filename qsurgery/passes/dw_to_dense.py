@@ -15,7 +15,7 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError, ConfigError, QSurgeryError
-from ..graph import BATCHNORM_MODULES, is_activation
+from ..graph import BATCHNORM_MODULES, device_of, is_activation, pair
 from ..quant.simulate import iter_inputs
 from .common import PassResult, graph_cost, refresh_shapes
 
@@ -62,11 +62,7 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 def _is_pointwise(m: nn.Module, channels: int) -> bool:
     return (isinstance(m, nn.Conv2d) and m.groups == 1 and tuple(m.kernel_size) == (1, 1)
-            and tuple(m.stride) == (1, 1) and tuple(_pair(m.padding)) == (0, 0) and m.in_channels == channels)
-
-
-def _pair(v: Any) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+            and tuple(m.stride) == (1, 1) and tuple(pair(m.padding)) == (0, 0) and m.in_channels == channels)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -177,6 +173,8 @@ def _fit(gm: fx.GraphModule, unit: SeparableUnit, calib: list[tuple[torch.Tensor
             seen[key] = pick(inp, out).detach()
         return hook
 
+    if dw.padding_mode != "zeros":
+        raise QSurgeryError(f"{unit.dw}: padding mode {dw.padding_mode!r} is not supported by reconstruct")
     hooks = [dw.register_forward_hook(keep("x", lambda i, o: i[0])),
              last.register_forward_hook(keep("y", lambda i, o: o))]
     d = dw.in_channels * dw.kernel_size[0] * dw.kernel_size[1] + 1
@@ -188,9 +186,7 @@ def _fit(gm: fx.GraphModule, unit: SeparableUnit, calib: list[tuple[torch.Tensor
             for inputs in calib:
                 gm(*inputs)
                 x, y = seen["x"], seen["y"]
-                if dw.padding_mode != "zeros":
-                    raise QSurgeryError(f"{unit.dw}: padding mode {dw.padding_mode!r} is not supported by reconstruct")
-                cols = F.unfold(x, dw.kernel_size, dw.dilation, _pair(dw.padding), dw.stride)  # N, C*k*k, L
+                cols = F.unfold(x, dw.kernel_size, dw.dilation, pair(dw.padding), dw.stride)  # N, C*k*k, L
                 phi = torch.cat([cols, torch.ones_like(cols[:, :1])], 1)  # N, d, L
                 target = y.reshape(y.shape[0], y.shape[1], -1)
                 # per-batch sums in float32 (fast), accumulated across batches in float64
@@ -306,7 +302,7 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
             raise CalibrationError(f"reconstructing {[u.block for u in needs_fit] or 'the fine-tune'} needs "
                                    "calib_data (input batches)")
         n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
-        device = next(iter(graph.parameters())).device
+        device = device_of(graph)
         calib = list(iter_inputs(calib_data, n_inputs, expected_shapes=graph.meta.get("qsurgery_input_shapes"),
                                  device=device))
     new = copy.deepcopy(graph)

@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, ConfigError, QSurgeryError
-from ..graph import QuantUnit, find_units, fold_batchnorm, is_float_tensor_node, is_passthrough
+from ..graph import QuantUnit, device_of, find_units, fold_batchnorm, is_float_tensor_node, is_passthrough
 from .config import QuantConfig, TensorFormat
 from .observers import RangeStats, choose_range, fake_quant, qparams, weight_qparams
 from .plan import LayerQuant, QuantPlan
@@ -100,14 +100,6 @@ class SimulatedModel(nn.Module):
 
 
 # ---------------------------------------------------------------------- calibration data
-def _device_of(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
 def _batch_inputs(batch: Any, n_inputs: int, index: int) -> tuple[torch.Tensor, ...]:
     if isinstance(batch, torch.Tensor):
         inputs: tuple = (batch,)
@@ -230,9 +222,7 @@ def _resolve_formats(units: list[QuantUnit], gm: fx.GraphModule, config: QuantCo
     for u in units:  # a model input read only by float layers stays float (the device takes float input)
         if u.kind != "input":
             continue
-        consumers = _consumer_units(gm, gm.graph.find_nodes(op="placeholder", target=u.anchor)[0]
-                                    if hasattr(gm.graph, "find_nodes") else next(
-                                        n for n in gm.graph.nodes if n.name == u.anchor), owner)
+        consumers = _consumer_units(gm, next(n for n in gm.graph.nodes if n.name == u.anchor), owner)
         if consumers and all(out[c.name][1].dtype == "float" and (out[c.name][0] is None or
                                                                    out[c.name][0].dtype == "float")
                              for c in consumers) and (plan is None or u.name not in plan) \
@@ -293,7 +283,7 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
 
     gm = copy.deepcopy(graph)
     gm.eval()
-    device = _device_of(gm)
+    device = device_of(gm)
     n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
     expected = gm.meta.get("qsurgery_input_shapes")
 
@@ -309,7 +299,7 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
     formats = _resolve_formats(units, gm, config, plan)
     paths = _insert_quantizers(gm, units, formats)
     quantizers = {u.name: gm.get_submodule(paths[u.name]) for u in units}
-    needs_range = [q for u, q in zip(units, quantizers.values()) if q.fmt.is_int]
+    needs_range = [q for q in quantizers.values() if q.fmt.is_int]
 
     if batches is not None:
         with torch.no_grad():
