@@ -9,15 +9,17 @@ Typical flow::
 """
 
 from .capture import capture
+from .detection import CocoImages, coco_map
 from .errors import CalibrationError, CaptureError, ConfigError, DataError, ModelLoadError, QSurgeryError
 from .evaluate import agreement, predict, top1
+from .export import ExportReport, export_onnx
 from .quant import LayerQuant, QuantConfig, QuantPlan, SimulatedModel, TensorFormat, quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "capture", "quantize", "QuantConfig", "TensorFormat", "QuantPlan", "LayerQuant", "SimulatedModel",
-    "predict", "top1", "agreement",
+    "predict", "top1", "agreement", "export_onnx", "ExportReport", "coco_map", "CocoImages",
     "QSurgeryError", "CaptureError", "ConfigError", "CalibrationError", "DataError", "ModelLoadError",
     "__version__",
 ]

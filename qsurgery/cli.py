@@ -12,7 +12,7 @@ import torch
 
 from . import __version__
 from .capture import capture
-from .data import ImageFolder, loader, model_transform, sample_images, split
+from .data import ImageFolder, distill_images, loader, model_transform, sample_images, split
 from .errors import QSurgeryError
 from .evaluate import agreement, predict, top1
 from .models import create_model
@@ -42,6 +42,17 @@ def _prepare(args: argparse.Namespace):
         n_eval = args.eval if args.eval > 0 else None
         calib_set, eval_set = split(dataset, min(args.calib, len(dataset) - 1), n_eval)
         source = f"{args.data} ({len(calib_set)} calibration / {len(eval_set)} evaluation images, disjoint)"
+    elif getattr(args, "distill", False) and _has_batchnorm(model):
+        cfg = resolve_input_size(model, args.input_size)
+        n_eval = args.eval if args.eval > 0 else 64
+        progress = not args.quiet
+        xs = distill_images(model, args.calib + n_eval, size=cfg, steps=args.distill_steps, seed=0,
+                            cache_dir=args.cache_dir, progress=progress)
+        no_label = torch.full((len(xs),), -1)
+        calib_set = torch.utils.data.TensorDataset(xs[:args.calib], no_label[:args.calib])
+        eval_set = torch.utils.data.TensorDataset(xs[args.calib:], no_label[args.calib:])
+        source = (f"distilled from the model's BatchNorm statistics (no --data; {len(calib_set)} calibration / "
+                  f"{len(eval_set)} separate evaluation images, {args.distill_steps} steps, cached)")
     else:
         calib_set = sample_images(args.calib, transform, seed=1)
         eval_set = sample_images(args.eval if args.eval > 0 else 64, transform, seed=2)
@@ -50,6 +61,20 @@ def _prepare(args: argparse.Namespace):
     example = calib_set[0][0].unsqueeze(0)
     graph = capture(model, example)
     return model, calib_set, eval_set, source, graph, _config(args)
+
+
+def _has_batchnorm(model: torch.nn.Module) -> bool:
+    from .graph import BATCHNORM_MODULES
+
+    return any(isinstance(m, BATCHNORM_MODULES) for m in model.modules())
+
+
+def resolve_input_size(model: torch.nn.Module, input_size: int | None) -> int:
+    """The square input size: the one given, else the model's timm pretrained config, else 224."""
+    if input_size:
+        return input_size
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    return int(cfg.get("input_size", (3, 224, 224))[-1])
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
@@ -137,7 +162,18 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     facts.append(("sensitivity", f"{metric} on {n_sens} evaluation images, both modes"))
     notes = [] if labels is not None else [
         "No labels: quality is measured as agreement with the float model, not accuracy."]
-    if not args.data:
+    if args.data:
+        from .calibration import calibration_coverage
+
+        coverage = calibration_coverage(graph, loader(calib_set, args.batch_size), evaluation, config=config,
+                                        progress=progress)
+        facts.append(("calibration", coverage.message))
+        print(f"calibration: {coverage.message}")
+    elif source.startswith("distilled"):
+        notes.append("No --data: calibrated on images distilled from the model's BatchNorm statistics and "
+                     "evaluated by agreement with float on a separate distilled set. Give your own images for "
+                     "numbers that mean something for your deployment.")
+    else:
         notes.append("No --data: calibrated and evaluated on crops of built-in sample photos; give your own "
                      "images for numbers that mean something for your deployment.")
     path = write_report(args.out, title=f"qsurgery analysis: {args.model}", facts=facts, plan=plan, flips=flips,
@@ -181,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--metric", choices=("kl", "agreement", "top1", "sqnr"), default="kl",
                    help="sensitivity metric (default kl: label-free and finer than top-1 on small sets)")
     a.add_argument("--sens-images", type=int, default=64, help="evaluation images used for sensitivity")
+    a.add_argument("--no-distill", dest="distill", action="store_false",
+                   help="without --data, use crops of built-in photos instead of images distilled from the model")
+    a.add_argument("--distill-steps", type=int, default=100, help="optimisation steps per distilled batch")
+    a.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qsurgery",
+                   help="where distilled images are cached (default ~/.cache/qsurgery)")
     a.set_defaults(func=_cmd_analyze)
     e = sub.add_parser("export", help="write float and QDQ ONNX, verified in onnxruntime")
     _add_common(e)

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .errors import DataError
 
-__all__ = ["ImageFolder", "model_transform", "sample_images", "split", "loader", "stack"]
+__all__ = ["ImageFolder", "model_transform", "sample_images", "split", "loader", "stack", "distill_images"]
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 NO_LABEL = -1
@@ -162,3 +162,90 @@ def stack(dataset: Dataset | Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     """All of a (small) dataset as one image tensor and one label tensor."""
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(images), torch.tensor(labels)
+
+
+def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 224, steps: int = 200,
+                   batch_size: int = 32, lr: float = 0.25, smoothness: float = 0.05, seed: int = 0,
+                   cache_dir: str | Path | None = None, progress: bool = True) -> torch.Tensor:
+    """``n`` calibration images generated from the model itself, no data needed (ZeroQ-style).
+
+    Random inputs are optimised so that the batch statistics entering every BatchNorm layer match its running
+    mean and standard deviation, with a total-variation prior for natural-image smoothness (``smoothness``).
+    Returns an ``(n, 3, H, W)`` tensor in the model's input space. Seeded and deterministic; with
+    ``cache_dir`` the result is stored under a key of the model's weights and the arguments, and reused.
+    """
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from .graph import BATCHNORM_MODULES, device_of
+
+    if n < 1:
+        raise DataError(f"n must be at least 1, got {n}")
+    bns = [m for m in model.modules() if isinstance(m, BATCHNORM_MODULES) and m.track_running_stats
+           and m.running_mean is not None]
+    if not bns:
+        raise DataError(f"{type(model).__name__} has no BatchNorm layers with running statistics: data-free "
+                        f"calibration images are generated from them. Calibrate on real images instead "
+                        f"(a few dozen from the target domain).")
+    h, w = (size, size) if isinstance(size, int) else size
+    cache_file = None
+    if cache_dir is not None:
+        digest = hashlib.sha256()
+        for t in model.state_dict().values():
+            digest.update(t.detach().cpu().float().numpy().tobytes()[:4096])
+        digest.update(repr((n, h, w, steps, batch_size, lr, smoothness, seed)).encode())
+        cache_file = Path(cache_dir).expanduser() / f"distilled-{digest.hexdigest()[:16]}.pt"
+        if cache_file.is_file():
+            return torch.load(cache_file, weights_only=True)
+    device = device_of(model)
+    was_training = model.training
+    model.eval()
+    stats: list[tuple[torch.Tensor, torch.Tensor, nn.Module]] = []
+
+    def hook(module, inputs, _out):
+        x = inputs[0]
+        dims = [0] + list(range(2, x.dim()))
+        stats.append((x.mean(dims), x.var(dims, unbiased=False).add(module.eps).sqrt(), module))
+
+    handles = [m.register_forward_hook(hook) for m in bns]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        batches = range(0, n, batch_size)
+        bar = tqdm(total=len(batches) * steps, desc="distilling images", unit="step", disable=not progress,
+                   leave=False)
+        for start in batches:
+            b = min(batch_size, n - start)
+            x = torch.randn(b, 3, h, w, generator=gen).to(device).requires_grad_(True)
+            opt = torch.optim.Adam([x], lr=lr)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+            for _ in range(steps):
+                stats.clear()
+                opt.zero_grad()
+                model(x)
+                loss = sum((mu - m.running_mean).norm() + (sd - (m.running_var + m.eps).sqrt()).norm()
+                           for mu, sd, m in stats) / len(stats)
+                tv = (x[..., 1:, :] - x[..., :-1, :]).pow(2).mean() + (x[..., 1:] - x[..., :-1]).pow(2).mean()
+                (loss + smoothness * tv).backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
+            out.append(x.detach().cpu())
+        bar.close()
+    finally:
+        for hd in handles:
+            hd.remove()
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    images = torch.cat(out)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        torch.save(images, tmp)
+        tmp.replace(cache_file)
+    return images

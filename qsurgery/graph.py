@@ -98,7 +98,7 @@ def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
         m = _module(gm, node)
         if isinstance(m, nn.Upsample):
             return m.mode == "nearest"
-        return isinstance(m, PASSTHROUGH_MODULES)
+        return isinstance(m, PASSTHROUGH_MODULES) or getattr(m, "qsurgery_passthrough", False)
     if node.op == "call_function":
         if node.target is F.interpolate:
             return node.kwargs.get("mode", node.args[3] if len(node.args) > 3 else "nearest") == "nearest"

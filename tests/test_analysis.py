@@ -140,15 +140,35 @@ def test_prediction_flips_counts_and_confusion(tmp_path):
 def test_cli_analyze_writes_report(tmp_path, capsys):
     out = tmp_path / "report"
     code = main(["analyze", "--model", "resnet18", "--input-size", "32", "--calib", "4", "--eval", "4",
-                 "--batch-size", "4", "--sens-images", "4", "--quiet", "--out", str(out)])
+                 "--batch-size", "4", "--sens-images", "4", "--quiet", "--out", str(out), "--distill-steps", "3",
+                 "--cache-dir", str(tmp_path / "cache")])
     assert code == 0
     md = (out / "report.md").read_text()
+    assert "distilled from the model's BatchNorm statistics" in md and list((tmp_path / "cache").glob("*.pt"))
     for section in ("Prediction flips", "Suspects and the fix to try first", "only this layer int8",
                     "all int8 but this layer", "Layer by layer"):
         assert section in md
     assert (out / "report.html").read_text().startswith("<!doctype html>")
     assert {p.name for p in out.glob("*.png")} >= {"flips.png", "sensitivity_quantize_one.png", "sqnr_by_depth.png"}
     assert "worst layers alone" in capsys.readouterr().out
+
+
+def test_cli_analyze_with_data_reports_calibration_coverage(tmp_path, capsys):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(tmp_path / "imgs" / c / f"{i}.png")
+    out = tmp_path / "report"
+    code = main(["analyze", "--model", "resnet18", "--input-size", "32", "--data", str(tmp_path / "imgs"),
+                 "--calib", "6", "--batch-size", "3", "--sens-images", "3", "--quiet", "--out", str(out)])
+    assert code == 0
+    md = (out / "report.md").read_text()
+    assert "calibration" in md and any(v in md for v in ("enough", "more images needed", "looks unlike"))
+    assert "calibration:" in capsys.readouterr().out
 
 
 def test_compare_layers_blames_coarse_weights():

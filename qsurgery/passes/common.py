@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -31,7 +33,10 @@ def graph_cost(gm: fx.GraphModule) -> dict[str, int]:
 @dataclass
 class PassResult:
     """A pass's output graph and its record: ``changes`` (one dict per edit), ``exact`` (float-equivalent),
-    ``cost_before``/``cost_after`` (MACs, params), and ``float_error`` where the pass measured one."""
+    ``cost_before``/``cost_after`` (MACs, params), and ``float_error`` where the pass measured one.
+
+    Passes that change the model's outputs also give ``output_names`` (one per new output, for the ONNX
+    export) and ``merge_outputs`` (new outputs -> the original ones, for existing post-processing)."""
 
     graph: fx.GraphModule
     changes: list[dict] = field(default_factory=list)
@@ -40,6 +45,8 @@ class PassResult:
     cost_after: dict[str, int] = field(default_factory=dict)
     float_error: float | None = None
     notes: list[str] = field(default_factory=list)
+    output_names: list[str] | None = None
+    merge_outputs: Callable[[Sequence[torch.Tensor]], Any] | None = None
 
     @property
     def macs_ratio(self) -> float:

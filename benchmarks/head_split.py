@@ -1,0 +1,136 @@
+"""Detection heads under int8, without and with split_head, on two real COCO detectors.
+
+For Yolo-Fastest-1.1-XL and YOLOv5n: calibrate on the first 64 coco128 images, evaluate on the other 64 and
+on all 128 (COCO mAP@0.5:0.95 / mAP@0.5, our evaluator = pycocotools). Variants: float; head-only int8 (only
+the head convs int8: weights per-channel, outputs per-tensor uint8; everything else float) and whole-model
+int8 (W8 per-channel / A8 per-tensor min-max), each unsplit and split with groups="yolo", "yolo-xywh",
+"auto". Prints the per-group output ranges and the wall time of each step.
+
+    python benchmarks/head_split.py --data ../shared/data/coco128
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import qsurgery  # noqa: E402
+from examples.detectors import load_detector  # noqa: E402
+from qsurgery.detection import CocoImages, coco_eval, detect  # noqa: E402
+from qsurgery.passes import find_heads, split_head  # noqa: E402
+from qsurgery.passes.split_head import yolo_groups  # noqa: E402
+
+
+def head_only(config: qsurgery.QuantConfig, heads: list[str]) -> qsurgery.QuantConfig:
+    cfg = config.override("*", dtype="float")
+    for h in heads:
+        cfg = cfg.override(f"{h}*", dtype="int")
+    return cfg
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="../shared/data/coco128", help="COCO-format folder (train2017/, annotations/)")
+    ap.add_argument("--detectors", nargs="+", default=["yolo-fastest", "yolov5n"])
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--groups", nargs="+", default=["yolo", "yolo-xywh", "auto"])
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    data = CocoImages(Path(args.data) / "train2017", Path(args.data) / "annotations" / "instances_train2017.json")
+    calib_set = data.subset(range(args.n_calib))
+    held_out = data.subset(range(args.n_calib, len(data)))
+    print(f"{len(data)} images: calibrate on {len(calib_set)}, evaluate on the other {len(held_out)} and on all")
+    summary = []
+    for name in args.detectors:
+        t0 = time.perf_counter()
+        det = load_detector(name)
+        graph = qsurgery.capture(det.model, torch.zeros(1, 3, det.size, det.size))
+        calib = calib_set.calibration(det.size, 8, stretch=det.stretch)
+        heads = [h["conv"] for h in find_heads(graph, calib)]
+        print(f"\n== {name}: {det.size}x{det.size}, heads {heads} (capture + calibration images "
+              f"{time.perf_counter() - t0:.1f} s)")
+        for h in find_heads(graph, calib):
+            print(f"   {h['conv']}: {h['bits_lost']:.2f} bits lost to one shared scale")
+
+        probe = held_out.subset(range(16)).calibration(det.size, 8, stretch=det.stretch)
+        with torch.no_grad():
+            reference = [graph(x) for x in probe]
+
+        def head_sqnr(fn, probe=probe, reference=reference) -> dict[str, float]:
+            """SQNR (dB) of the raw head outputs against float, per YOLO field group, over 16 held-out images."""
+            sig: dict[str, float] = {}
+            err: dict[str, float] = {}
+            with torch.no_grad():
+                for x, ref in zip(probe, reference):
+                    for r, o in zip(ref, fn(x)):
+                        for field, idx in yolo_groups(r.shape[1]).items():
+                            sig[field] = sig.get(field, 0.0) + float(r[:, idx].pow(2).sum())
+                            err[field] = err.get(field, 0.0) + float((r[:, idx] - o[:, idx]).pow(2).sum())
+            return {k: 10 * torch.log10(torch.tensor(sig[k] / max(err[k], 1e-30))).item() for k in sig}
+
+        def score(model, label, merge=None, det=det, name=name):
+            t = time.perf_counter()
+            fn = (lambda inp: merge(model(inp))) if merge else model
+            res = detect(fn, data, det.decode, size=det.size, stretch=det.stretch, progress=False)
+            a, b = coco_eval(res, held_out), coco_eval(res, data)
+            sq = head_sqnr(fn) if label != "float" else {}
+            row = (name, label, 100 * a.map, 100 * a.map50, 100 * b.map, 100 * b.map50, sq)
+            summary.append(row)
+            sq_text = "  head SQNR box/obj/cls " + "/".join(f"{sq[k]:.1f}" for k in ("box", "obj", "cls")) + " dB" \
+                if sq else ""
+            print(f"   {label:<32} held-out mAP {row[2]:5.1f} / {row[3]:5.1f}   all-128 mAP {row[4]:5.1f} / "
+                  f"{row[5]:5.1f}{sq_text}   ({time.perf_counter() - t:.0f} s)")
+            return row
+
+        score(graph, "float")
+        base = qsurgery.QuantConfig.int8()
+        splits = {}
+        for groups in args.groups:
+            t = time.perf_counter()
+            splits[groups] = split_head(graph, heads, groups=groups, merge="outputs", calib_data=calib)
+            r = splits[groups]
+            print(f"   split groups={groups} ({time.perf_counter() - t:.1f} s, float error {r.float_error:.2g}):")
+            for c in r.changes:
+                rngs = ", ".join(f"{k} {c['groups'][k]} ch [{lo:.1f}, {hi:.1f}]"
+                                 for k, (lo, hi) in c["group_ranges"].items())
+                print(f"     {c['conv']}: {rngs}")
+        for scope, make in (("head-only int8", lambda hs, base=base: head_only(base, hs)),
+                            ("whole int8", lambda hs, base=base: base)):
+            sim, _ = qsurgery.quantize(graph, calib, make(heads), progress=False)
+            score(sim, scope)
+            for groups, r in splits.items():
+                split_heads = [f"{c['conv']}" for c in r.changes]
+                t = time.perf_counter()
+                sim, _ = qsurgery.quantize(r.graph, calib, make(split_heads), progress=False)
+                score(sim, f"{scope} + split {groups}", r.merge_outputs)
+        print(f"   {name} total {time.perf_counter() - t0:.0f} s")
+
+    print("\n| detector | variant | held-out mAP | held-out mAP@0.5 | all-128 mAP | all-128 mAP@0.5 | "
+          "head SQNR box / obj / cls (dB) |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for row in summary:
+        sq = " / ".join(f"{row[6][k]:.1f}" for k in ("box", "obj", "cls")) if row[6] else "-"
+        print(f"| {row[0]} | {row[1]} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.1f} | {row[5]:.1f} | {sq} |")
+    for name in args.detectors:
+        rows = {r[1]: r for r in summary if r[0] == name}
+        f, h = rows["float"][2], rows["head-only int8"][2]
+        for groups in args.groups:
+            s = rows[f"head-only int8 + split {groups}"][2]
+            w, ws = rows["whole int8"][2], rows[f"whole int8 + split {groups}"][2]
+            rec = (s - h) / (f - h) if f != h else float("nan")
+            print(f"{name} groups={groups}: recovers {100 * rec:.0f} % of the head-only int8 loss "
+                  f"({h:.1f} -> {s:.1f}, float {f:.1f}); whole int8 {w:.1f} -> {ws:.1f} "
+                  f"({'not worse' if ws >= w else 'WORSE'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,538 @@
+"""Structured channel pruning with coupled-channel groups, from one dependency analysis of the FX graph.
+
+Every conv/linear output channel is an element; ops that tie channels together join them: a residual add or
+an elementwise product (SE gates) joins channel i of both operands, a depthwise conv ties its output channel
+to its input channel, a concat lays its inputs' channels side by side (offset bookkeeping), chunk/split slice
+them, flatten into a linear expands each channel into its spatial block. The connected components are the
+channel groups that must be removed together; a group reaching the model output, an excluded layer, or an op
+whose channel coupling is unknown is not prunable (the op is named in the result). Every criterion (L1 of the
+filters, BN gamma, first-order Taylor) scores the same groups, and channels are removed physically, so MACs
+and parameters really drop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import CalibrationError, ConfigError
+from ..graph import BATCHNORM_MODULES, device_of, module_macs, set_module
+from ..quant.simulate import iter_inputs
+from .common import PassResult, graph_cost, refresh_shapes
+
+__all__ = ["prune_channels", "channel_groups", "ChannelGroups"]
+
+Element = tuple[str, int]  # (source conv/linear module, output channel)
+
+_SAME_CHANNELS_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
+                          nn.Tanh, nn.GELU, nn.Mish, nn.ELU, nn.Identity, nn.Dropout, nn.Dropout2d, nn.MaxPool2d,
+                          nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.ZeroPad2d,
+                          nn.Hardtanh, nn.PReLU, nn.Softplus) + BATCHNORM_MODULES
+_SAME_CHANNELS_FUNCTIONS = {F.relu, F.relu6, F.leaky_relu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
+                            F.gelu, F.mish, F.elu, F.hardtanh, torch.relu, torch.sigmoid, torch.tanh, F.dropout,
+                            F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.pad,
+                            F.interpolate, torch.clamp, operator.neg}
+_SAME_CHANNELS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "detach", "clamp", "relu_",
+                          "sigmoid_", "float", "mean", "sum", "amax"}
+_ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub}
+_ELEMENTWISE_METHODS = {"add", "mul", "sub", "div", "add_", "mul_", "expand_as"}
+
+
+class _UnionFind:
+    def __init__(self):
+        self.parent: dict[Element, Element] = {}
+
+    def add(self, e: Element) -> None:
+        self.parent.setdefault(e, e)
+
+    def find(self, e: Element) -> Element:
+        root = e
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[e] != root:
+            self.parent[e], e = root, self.parent[e]
+        return root
+
+    def union(self, a: Element, b: Element) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+
+@dataclass
+class ChannelGroups:
+    """The dependency analysis: channel groups (lists of coupled elements), which are prunable, why not,
+    and for every weighted module/BN the channel map of its input and output (one element per channel;
+    ``None`` where a channel comes from the model input)."""
+
+    groups: dict[Element, list[Element]]
+    blocked: dict[Element, str]
+    in_maps: dict[str, list]
+    out_maps: dict[str, list]
+    expand: dict[str, int] = field(default_factory=dict)  # linear after flatten: features per channel
+    unknown_ops: list[str] = field(default_factory=list)
+
+    @property
+    def prunable(self) -> list[Element]:
+        return [g for g in self.groups if g not in self.blocked]
+
+    def clusters(self) -> list[list[Element]]:
+        """Prunable groups gathered by the set of modules they touch (one 'layer' of the pruning decision)."""
+        by_key: dict[tuple[str, ...], list[Element]] = defaultdict(list)
+        for g in self.prunable:
+            by_key[tuple(sorted({m for m, _ in self.groups[g]}))].append(g)
+        return list(by_key.values())
+
+
+def _map_of(node: Any, maps: dict[str, list]) -> list | None:
+    return maps.get(node.name) if isinstance(node, fx.Node) else None
+
+
+def channel_groups(graph: fx.GraphModule, *, exclude: Sequence[str] = ()) -> ChannelGroups:
+    """Analyse which output channels of which convs/linears must be pruned together."""
+    uf = _UnionFind()
+    maps: dict[str, list] = {}  # node -> channel map (list of Element|None), for tensors with a channel dim
+    in_maps: dict[str, list] = {}
+    out_maps: dict[str, list] = {}
+    expand: dict[str, int] = {}
+    blocked_elems: dict[Element, str] = {}
+    unknown: list[str] = []
+    modules = dict(graph.named_modules())
+    split_nodes: set[str] = set()
+    flattened: dict[str, int] = {}  # flatten node -> spatial positions per channel
+
+    def block(m: list | None, why: str) -> None:
+        for e in m or []:
+            if e is not None:
+                blocked_elems.setdefault(e, why)
+
+    def shape(node: fx.Node):
+        meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    for node in graph.graph.nodes:
+        args = [a for a in node.args if isinstance(a, fx.Node)]
+        first = _map_of(node.args[0], maps) if node.args else None
+        if node.op == "placeholder":
+            s = shape(node)
+            if s and len(s) >= 2:
+                maps[node.name] = [None] * s[1]
+            continue
+        if node.op == "output":
+            for a in node.all_input_nodes:
+                block(maps.get(a.name), "reaches a model output")
+            continue
+        if node.op == "get_attr":
+            continue
+        m = modules.get(node.target) if node.op == "call_module" else None
+        out_shape = shape(node)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            in_map = first
+            if isinstance(m, nn.Linear) and in_map is not None and len(in_map) != m.in_features:
+                if isinstance(node.args[0], fx.Node) and flattened.get(node.args[0].name, 0) * len(in_map) \
+                        == m.in_features:
+                    expand[node.target] = m.in_features // len(in_map)
+                else:
+                    block(in_map, f"feeds {node.target} through a reshape qsurgery cannot follow")
+                    unknown.append(f"{node.target} (input features {m.in_features} vs {len(in_map)} channels)")
+                    in_map = None
+            in_maps[node.target] = in_map
+            groups = getattr(m, "groups", 1)
+            channels = m.out_features if isinstance(m, nn.Linear) else m.out_channels
+            if groups > 1 and groups == m.in_channels == m.out_channels and in_map is not None:
+                out = list(in_map)  # depthwise: output channel c is input channel c
+            else:
+                if groups > 1:
+                    block(in_map, f"grouped conv {node.target} (groups={groups})")
+                    unknown.append(f"{node.target} (grouped conv, groups={groups})")
+                out = [(node.target, c) for c in range(channels)]
+                for e in out:
+                    uf.add(e)
+                if groups > 1:
+                    block(out, f"grouped conv {node.target} (groups={groups})")
+                if any(node.target == x or node.target.startswith(x + ".") for x in exclude):
+                    block(out, f"excluded ({node.target})")
+            maps[node.name] = out
+            out_maps[node.target] = out
+            continue
+        if isinstance(m, BATCHNORM_MODULES):
+            in_maps[node.target] = first
+            out_maps[node.target] = first
+            maps[node.name] = first
+            continue
+        same = (isinstance(m, _SAME_CHANNELS_MODULES) or (node.op == "call_function" and node.target in
+                _SAME_CHANNELS_FUNCTIONS) or (node.op == "call_method" and node.target in _SAME_CHANNELS_METHODS))
+        if same and first is not None:
+            keeps_channels = out_shape is not None and len(out_shape) >= 2 and out_shape[1] == len(first)
+            if keeps_channels or (node.op == "call_method" and node.target in ("mean", "sum", "amax")
+                                  and out_shape is not None and len(out_shape) >= 2 and out_shape[1] == len(first)):
+                maps[node.name] = first
+                continue
+        if (node.op == "call_function" and node.target in _ELEMENTWISE) or \
+                (node.op == "call_method" and node.target in _ELEMENTWISE_METHODS):
+            operand_maps = [maps.get(a.name) for a in args]
+            sized = [mp for mp in operand_maps if mp is not None and len(mp) > 1]
+            if out_shape is not None and len(out_shape) >= 2 and sized:
+                n = out_shape[1]
+                full = [mp for mp in sized if len(mp) == n]
+                if full and all(len(mp) == n for mp in sized):
+                    for mp in full[1:]:
+                        for a, b in zip(full[0], mp):
+                            if a is not None and b is not None:
+                                uf.union(a, b)
+                            elif a is not None or b is not None:
+                                block([a or b], f"added to the model input at {node.name}")
+                    maps[node.name] = full[0]
+                    continue
+            elif not sized:
+                maps[node.name] = operand_maps[0] if operand_maps and operand_maps[0] is not None else None
+                if maps[node.name] is None:
+                    maps.pop(node.name)
+                continue
+        if node.op == "call_function" and node.target in (torch.cat, torch.concat):
+            parts = node.args[0]
+            dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+            part_maps = [maps.get(p.name) if isinstance(p, fx.Node) else None for p in parts]
+            channel_dim = dim == 1 or (out_shape is not None and dim == 1 - len(out_shape))
+            if channel_dim and all(pm is not None for pm in part_maps):
+                maps[node.name] = [e for pm in part_maps for e in pm]
+                continue
+        if node.op in ("call_function", "call_method") and node.target in (torch.chunk, torch.split, "chunk",
+                                                                         "split"):
+            dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+            if dim == 1 and first is not None:
+                maps[node.name] = first  # the tuple; getitem slices it below
+                split_nodes.add(node.name)
+                continue
+        if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
+                and node.args[0].name in split_nodes and first is not None and out_shape is not None:
+            src = node.args[0]
+            sizes = [tuple(t.shape)[1] for t in src.meta["tensor_meta"]]
+            start = sum(sizes[:node.args[1]])
+            maps[node.name] = first[start:start + sizes[node.args[1]]]
+            continue
+        if node.op == "call_function" and node.target is operator.getitem and first is not None \
+                and isinstance(node.args[1], tuple) and len(node.args[1]) >= 2 \
+                and all(isinstance(a, slice) and a == slice(None) for a in node.args[1][:1]) \
+                and isinstance(node.args[1][1], slice) and node.args[1][1].step in (None, 1) \
+                and all(isinstance(a, slice) and a == slice(None) for a in node.args[1][2:]):
+            maps[node.name] = first[node.args[1][1]]  # x[:, a:b] (ghost modules)
+            for e in first[:node.args[1][1].start or 0] + first[node.args[1][1].stop or len(first):]:
+                if e is not None:
+                    block([e], f"sliced away at {node.name}")
+            continue
+        flatten_module = isinstance(m, nn.Flatten)
+        if flatten_module or (node.op == "call_function" and node.target in (torch.flatten,)) or \
+                (node.op == "call_method" and node.target in ("flatten", "view", "reshape")):
+            if first is not None and out_shape is not None and len(out_shape) == 2:
+                s_in = shape(node.args[0])
+                spatial = math.prod(s_in[2:]) if s_in and len(s_in) > 2 else 1
+                if spatial == 1 and out_shape[1] == len(first):
+                    maps[node.name] = first
+                    continue
+                if out_shape[1] == len(first) * spatial:
+                    maps[node.name] = first  # expanded per channel by the linear that reads it
+                    flattened[node.name] = spatial
+                    continue
+        # anything else that carries channels: unknown coupling -> refuse to prune through it
+        for a in args:
+            if maps.get(a.name) is not None and any(e is not None for e in maps[a.name]):
+                block(maps[a.name], f"passes through {node.name} ({_describe(node)}), whose channel coupling "
+                                    "qsurgery does not know")
+                unknown.append(f"{node.name} ({_describe(node)})")
+        if out_shape is not None and len(out_shape) >= 2:
+            maps[node.name] = [None] * out_shape[1]
+
+    groups: dict[Element, list[Element]] = defaultdict(list)
+    for e in uf.parent:
+        groups[uf.find(e)].append(e)
+    blocked = {}
+    for e, why in blocked_elems.items():
+        blocked.setdefault(uf.find(e), why)
+    return ChannelGroups(dict(groups), blocked, in_maps, out_maps, expand, sorted(set(unknown)))
+
+
+def _describe(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _scores(graph: fx.GraphModule, cg: ChannelGroups, criterion: str, calib_data: Any) -> dict[Element, float]:
+    """Importance of each output channel of each source module, normalised per module (mean 1)."""
+    modules = dict(graph.named_modules())
+    raw: dict[str, torch.Tensor] = {}
+    if criterion == "taylor":
+        if calib_data is None:
+            raise CalibrationError("criterion='taylor' needs calib_data (gradients on a few batches)")
+        gm = copy.deepcopy(graph)
+        gm.train(False)
+        grads: dict[str, torch.Tensor] = {}
+        n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+        device = device_of(gm)
+        for batch in iter_inputs(calib_data, n_inputs):
+            gm.zero_grad()
+            out = gm(*[t.to(device) for t in batch])
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            target = out.detach().argmax(1) if out.dim() == 2 else out.detach()
+            loss = F.cross_entropy(out, target) if out.dim() == 2 else F.mse_loss(out, target + 0.1)
+            loss.backward()
+            for name in cg.out_maps:
+                mod = gm.get_submodule(name)
+                if isinstance(mod, BATCHNORM_MODULES) or mod.weight.grad is None:
+                    continue
+                w = mod.weight
+                g = (w * w.grad).flatten(1).sum(1).abs() if w.dim() > 1 else (w * w.grad).abs()
+                grads[name] = grads.get(name, 0) + g.detach()
+        raw = grads
+    for name in cg.out_maps:
+        m = modules[name]
+        if isinstance(m, BATCHNORM_MODULES) or name in raw:
+            continue
+        w = m.weight.detach()
+        if criterion == "bn_gamma":
+            bn = _following_bn(graph, name)
+            if bn is not None:
+                raw[name] = modules[bn].weight.detach().abs()
+                continue
+        raw[name] = w.flatten(1).abs().sum(1)
+    scores: dict[Element, float] = {}
+    for name, s in raw.items():
+        s = s.float().cpu()
+        s = s / s.mean().clamp(min=1e-12)
+        for c, v in enumerate(s.tolist()):
+            scores[(name, c)] = v
+    return scores
+
+
+def _following_bn(graph: fx.GraphModule, name: str) -> str | None:
+    for node in graph.graph.nodes:
+        if node.op == "call_module" and node.target == name and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module" and isinstance(graph.get_submodule(user.target), BATCHNORM_MODULES):
+                return user.target
+    return None
+
+
+def _select(cg: ChannelGroups, scores: dict[Element, float], amount: float) -> set[Element]:
+    """Per cluster of coupled modules, the ``amount`` share of channel groups with the lowest importance."""
+    removed: set[Element] = set()
+    for cluster in cg.clusters():
+        n = len(cluster)
+        k = int(math.floor(amount * n + 1e-9))
+        if k >= n:
+            mods = sorted({m for g in cluster for m, _ in cg.groups[g]})
+            raise ConfigError(f"pruning {amount:.0%} would leave {mods[:3]} with zero channels")
+        if k == 0:
+            continue
+        ranked = sorted(cluster, key=lambda g: sum(scores.get(e, 0.0) for e in cg.groups[g]) / len(cg.groups[g]))
+        removed.update(ranked[:k])
+    return removed
+
+
+def _kept(mp: list | None, removed_elems: set[Element]) -> list[int] | None:
+    if mp is None:
+        return None
+    return [i for i, e in enumerate(mp) if e is None or e not in removed_elems]
+
+
+def _predict_macs(graph: fx.GraphModule, cg: ChannelGroups, removed_elems: set[Element]) -> int:
+    macs = module_macs(graph)
+    total = 0
+    for name, m in macs.items():
+        mod = graph.get_submodule(name)
+        out_map = cg.out_maps.get(name)
+        in_map = cg.in_maps.get(name)
+        out_frac = len(_kept(out_map, removed_elems)) / len(out_map) if out_map else 1.0
+        if getattr(mod, "groups", 1) > 1:
+            total += int(round(m * out_frac))  # depthwise: in == out
+            continue
+        in_frac = len(_kept(in_map, removed_elems)) / len(in_map) if in_map else 1.0
+        total += int(round(m * out_frac * in_frac))
+    return total
+
+
+def _apply(graph: fx.GraphModule, cg: ChannelGroups, removed_elems: set[Element]) -> fx.GraphModule:
+    new = copy.deepcopy(graph)
+    new.meta.update(copy.deepcopy(dict(graph.meta)))
+    for name in set(cg.out_maps) | set(cg.in_maps):
+        m = new.get_submodule(name)
+        out_keep = _kept(cg.out_maps.get(name), removed_elems)
+        in_keep = _kept(cg.in_maps.get(name), removed_elems)
+        set_module(new, name, _shrink(m, in_keep, out_keep, cg.expand.get(name, 1)))
+    new.recompile()
+    refresh_shapes(new)
+    return new
+
+
+def _shrink(m: nn.Module, in_keep: list[int] | None, out_keep: list[int] | None, expand: int) -> nn.Module:
+    n_out = m.num_features if isinstance(m, BATCHNORM_MODULES) else m.weight.shape[0]
+    n_in = None if isinstance(m, BATCHNORM_MODULES) else (
+        m.in_features // expand if isinstance(m, nn.Linear) else m.in_channels)
+    if (out_keep is None or len(out_keep) == n_out) and (in_keep is None or n_in is None or len(in_keep) == n_in):
+        return m  # untouched (also grouped convs, which are never pruned)
+    dev = next(iter(m.parameters())).device if list(m.parameters()) else None
+    if isinstance(m, BATCHNORM_MODULES):
+        keep = torch.tensor(out_keep if out_keep is not None else range(m.num_features), device=dev)
+        new = type(m)(len(keep), eps=m.eps, momentum=m.momentum, affine=m.affine,
+                      track_running_stats=m.track_running_stats).to(dev)
+        with torch.no_grad():
+            if m.affine:
+                new.weight.copy_(m.weight[keep])
+                new.bias.copy_(m.bias[keep])
+            if m.track_running_stats:
+                new.running_mean.copy_(m.running_mean[keep])
+                new.running_var.copy_(m.running_var[keep])
+                new.num_batches_tracked.copy_(m.num_batches_tracked)
+        for child_name, child in m.named_children():  # capture hangs a BN's activation under it (bn1.act)
+            new.add_module(child_name, child)
+        return new.train(m.training)
+    w = m.weight.detach()
+    o = torch.tensor(out_keep if out_keep is not None else range(w.shape[0]), device=w.device)
+    if isinstance(m, nn.Linear):
+        i_ch = in_keep if in_keep is not None else range(w.shape[1] // expand)
+        i = torch.tensor([c * expand + j for c in i_ch for j in range(expand)], device=w.device)
+        new = nn.Linear(len(i), len(o), bias=m.bias is not None).to(w.device)
+        with torch.no_grad():
+            new.weight.copy_(w[o][:, i])
+            if m.bias is not None:
+                new.bias.copy_(m.bias[o])
+        return new
+    depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    if depthwise:
+        cin = len(o)
+        groups = len(o)
+        weight = w[o]
+    else:
+        i = torch.tensor(in_keep if in_keep is not None else range(w.shape[1]), device=w.device)
+        cin, groups = len(i), 1
+        weight = w[o][:, i]
+    new = type(m)(cin, len(o), m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
+                  m.padding_mode).to(w.device)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if m.bias is not None:
+            new.bias.copy_(m.bias[o])
+    return new
+
+
+def _distill(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any, steps: int, lr: float) -> None:
+    """A few steps of output distillation (KL for logits, MSE otherwise) on the calibration batches."""
+    n_inputs = sum(1 for n in teacher.graph.nodes if n.op == "placeholder")
+    batches = list(iter_inputs(calib_data, n_inputs))
+    if not batches:
+        raise CalibrationError("recovery by distillation needs calib_data")
+    device = device_of(student)
+    student.train()
+    for mod in student.modules():  # keep BN statistics: a few batches would only make them noisier
+        if isinstance(mod, BATCHNORM_MODULES):
+            mod.eval()
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    for step in range(steps):
+        x = [t.to(device) for t in batches[step % len(batches)]]
+        with torch.no_grad():
+            ref = teacher(*x)
+        out = student(*x)
+        if isinstance(ref, torch.Tensor) and ref.dim() == 2:
+            loss = F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean")
+        else:
+            ref_l = ref if isinstance(ref, (list, tuple)) else [ref]
+            out_l = out if isinstance(out, (list, tuple)) else [out]
+            loss = sum(F.mse_loss(o, r) for o, r in zip(out_l, ref_l))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    student.eval()
+
+
+def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_macs: float | None = None,
+                   criterion: Literal["l1", "bn_gamma", "taylor"] = "l1", exclude: Sequence[str] = (),
+                   calib_data: Any = None, steps: int = 1,
+                   recover: Callable[[fx.GraphModule], fx.GraphModule] | Literal["kd"] | None = None,
+                   recover_steps: int = 50, lr: float = 1e-4) -> PassResult:
+    """Remove the least important channel groups.
+
+    ``amount``: share of each coupled cluster's channel groups to remove (in ``steps`` equal steps), or
+    ``target_macs``: a MACs target (absolute, or a fraction of the current MACs when <= 1) reached by search
+    over the amount. ``exclude``: module names (or prefixes) whose output channels are kept, e.g. the head.
+    ``recover``: after each step, ``"kd"`` (``recover_steps`` steps of distillation against the unpruned
+    graph on ``calib_data``) or a callable graph -> graph. Approximate: the result says so.
+    """
+    modules = dict(graph.named_modules())
+    missing = [x for x in exclude if x not in modules]
+    if missing:
+        raise ConfigError(f"excluded layer(s) {missing} are not modules of this graph")
+    if target_macs is None and (amount is None or not 0 < amount < 1):
+        raise ConfigError(f"amount must be in (0, 1), got {amount}")
+    if criterion not in ("l1", "bn_gamma", "taylor"):
+        raise ConfigError(f"criterion must be 'l1', 'bn_gamma' or 'taylor', not {criterion!r}")
+    if recover == "kd" and calib_data is None:
+        raise CalibrationError("recover='kd' distils on calibration data: pass calib_data")
+    if steps < 1:
+        raise ConfigError("steps must be >= 1")
+    before = graph_cost(graph)
+    current = graph
+    changes: list[dict] = []
+    notes: list[str] = []
+    cg0 = channel_groups(graph, exclude=exclude)
+    if cg0.unknown_ops:
+        notes.append("not pruned through (channel coupling unknown): " + ", ".join(cg0.unknown_ops))
+    if not cg0.prunable:
+        raise ConfigError("no prunable channel group: every channel reaches an output, an excluded layer or an "
+                          f"op with unknown coupling ({', '.join(cg0.unknown_ops) or 'none'})")
+    if target_macs is not None:
+        goal = target_macs * before["macs"] if target_macs <= 1 else target_macs
+        scores = _scores(graph, cg0, criterion, calib_data)
+        lo, hi = 0.0, 0.95
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            predicted = _predict_macs(graph, cg0, _elements(cg0, _select(cg0, scores, mid)))
+            lo, hi = (mid, hi) if predicted > goal else (lo, mid)
+        amount = hi
+        notes.append(f"target {goal / 1e6:.1f} M MACs -> amount {amount:.3f}")
+    per_step = 1 - (1 - amount) ** (1 / steps)
+    for step in range(steps):
+        cg = channel_groups(current, exclude=exclude)
+        scores = _scores(current, cg, criterion, calib_data)
+        removed = _elements(cg, _select(cg, scores, per_step))
+        predicted = _predict_macs(current, cg, removed)
+        pruned = _apply(current, cg, removed)
+        if recover == "kd":
+            _distill(pruned, graph, calib_data, recover_steps, lr)
+        elif callable(recover):
+            pruned = recover(pruned)
+        cost = graph_cost(pruned)
+        changes.append({"step": step + 1, "channels_removed": len(removed), "groups_removed":
+                        len({g for g in cg.groups if cg.groups[g][0] in removed}), "macs": cost["macs"],
+                        "predicted_macs": predicted, "params": cost["params"]})
+        current = pruned
+    _check_shapes(graph, current)
+    result = PassResult(current, changes, False, before, graph_cost(current), notes=notes)
+    result.notes.append("approximate: channels were removed; recover with recover='kd' or your own fine-tuning")
+    return result
+
+
+def _elements(cg: ChannelGroups, groups: set[Element]) -> set[Element]:
+    return {e for g in groups for e in cg.groups[g]}
+
+
+def _check_shapes(old: fx.GraphModule, new: fx.GraphModule) -> None:
+    shapes = old.meta.get("qsurgery_input_shapes")
+    if not shapes:
+        return
+    device = device_of(old)
+    x = [torch.zeros(s, device=device) for s in shapes]
+    with torch.no_grad():
+        a, b = old(*x), new(*x)
+    fa = a if isinstance(a, (list, tuple)) else [a]
+    fb = b if isinstance(b, (list, tuple)) else [b]
+    if [tuple(t.shape) for t in fa] != [tuple(t.shape) for t in fb]:
+        raise AssertionError("pruning changed the output shapes: a dependency the analysis missed")

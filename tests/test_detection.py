@@ -1,0 +1,401 @@
+"""Detection: split_head (exact, recovers head quantization, clear errors), COCO mAP, the example loaders."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+import qsurgery
+from qsurgery import CalibrationError, ConfigError
+from qsurgery.detection import CocoImages, coco_eval, coco_map, letterbox, nms
+from qsurgery.passes import find_heads, split_head
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+NA, NC = 3, 2
+F = 5 + NC
+
+
+class TinyYolo(nn.Module):
+    """Two detection levels, fused YOLO heads (anchors x (box 4 | obj 1 | classes 2)); the objectness and
+    class channels are scaled up so their ranges dwarf the box channels' (as in real YOLO heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.LeakyReLU(0.1))
+        self.down = nn.Sequential(nn.Conv2d(8, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.LeakyReLU(0.1))
+        self.lateral = nn.Conv2d(16, 8, 1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.head1 = nn.Conv2d(16, NA * F, 1)
+        self.head2 = nn.Conv2d(16, NA * F, 1)
+        with torch.no_grad():
+            for head in (self.head1, self.head2):
+                for a in range(NA):
+                    head.weight[a * F + 4:a * F + F] *= 40
+                    head.bias[a * F + 4] = -30
+
+    def forward(self, x):
+        s = self.stem(x)
+        d = self.down(s)
+        p2 = torch.cat([self.up(self.lateral(d)), s], 1)
+        return [self.head1(d), self.head2(p2)]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = TinyYolo().eval()
+    graph = qsurgery.capture(model, torch.randn(1, 3, 32, 32))
+    calib = [torch.rand(8, 3, 32, 32) for _ in range(3)]
+    return model, graph, calib
+
+
+def test_find_heads_and_exact_split_both_merges(tiny):
+    model, graph, calib = tiny
+    heads = find_heads(graph, calib)
+    assert [h["conv"] for h in heads] == ["head1", "head2"]
+    assert all(h["bits_lost"] > 2 for h in heads)
+    x = torch.rand(4, 3, 32, 32)
+    ref = model(x)
+    for merge in ("outputs", "float_concat"):
+        r = split_head(graph, groups="yolo", merge=merge, calib_data=calib)
+        assert r.exact and r.float_error < 1e-4  # same weights, fp32 summation-order noise only
+        out = r.graph(x)
+        if merge == "outputs":
+            assert len(out) == 6
+            assert r.output_names == [f"head{i}.{g}" for i in (1, 2) for g in ("box", "obj", "cls")]
+            assert [o.shape[1] for o in out[:3]] == [12, 3, 6]
+            out = r.merge_outputs(out)
+        assert isinstance(out, list) and len(out) == 2
+        for a, b in zip(ref, out):
+            torch.testing.assert_close(a, b)
+        assert r.cost_after["macs"] == r.cost_before["macs"]
+    assert "head1" in dict(graph.named_modules()) and isinstance(graph.head1, nn.Conv2d)  # input untouched
+
+
+def test_split_recovers_head_quantization(tiny):
+    """With objectness/class ranges 40x the box ranges, int8 box outputs gain from their own scale."""
+    model, graph, calib = tiny
+    x = torch.rand(8, 3, 32, 32)
+    ref = model(x)
+
+    def box_sqnr(outs):
+        db = []
+        for r, o in zip(ref, outs):
+            idx = [a * F + i for a in range(NA) for i in range(4)]
+            err = (r[:, idx] - o[:, idx]).pow(2).mean()
+            db.append(10 * torch.log10(r[:, idx].pow(2).mean() / err).item())
+        return min(db)
+
+    sim, _ = qsurgery.quantize(graph, calib, qsurgery.QuantConfig.int8(), progress=False)
+    before = box_sqnr(sim(x))
+    for groups in ("yolo", "auto"):
+        r = split_head(graph, groups=groups, calib_data=calib)
+        sim2, plan = qsurgery.quantize(r.graph, calib, qsurgery.QuantConfig.int8(), progress=False)
+        after = box_sqnr(r.merge_outputs(sim2(x)))
+        assert after > before + 10, (groups, before, after)
+        assert any(n.startswith("head1.") for n in plan.names())
+
+
+def test_float_concat_is_not_requantized(tiny):
+    _, graph, calib = tiny
+    r = split_head(graph, groups="yolo", merge="float_concat", calib_data=calib)
+    sim, plan = qsurgery.quantize(r.graph, calib, qsurgery.QuantConfig.int8(), progress=False)
+    assert not any("merge" in n for n in plan.names())
+    assert {"head1.box", "head1.obj", "head1.cls"} <= set(plan.names())
+
+
+def test_auto_groups_separate_wide_channels(tiny):
+    _, graph, calib = tiny
+    r = split_head(graph, ["head1"], groups="auto", calib_data=calib)
+    (change,) = r.changes
+    groups = r.graph.get_submodule("head1").groups
+    box = {a * F + i for a in range(NA) for i in range(4)}
+    assert any(set(g) <= box for g in groups)  # the box channels get a group of their own
+    assert change["auto_bits_lost"][0] > change["auto_bits_lost"][-1]
+
+
+def test_explicit_groups_and_export_keeps_split(tiny, tmp_path):
+    _, graph, calib = tiny
+    r = split_head(graph, ["head2"], groups=[list(range(0, 10)), list(range(10, 21))], calib_data=calib)
+    assert r.output_names == ["head1", "head2.g0", "head2.g1"]
+    sim, _ = qsurgery.quantize(r.graph, calib, qsurgery.QuantConfig.int8(), progress=False)
+    rep = qsurgery.export_onnx(sim, tmp_path / "m.onnx", calib[0][:2], qdq=True, verify_inputs=[calib[0][:2]],
+                               output_names=r.output_names)
+    import onnx
+
+    m = onnx.load(rep.path)
+    assert [o.name for o in m.graph.output] == ["head1", "head2.g0", "head2.g1"]
+    assert rep.max_error_steps is not None and rep.max_error_steps <= 1
+
+
+def test_split_head_bad_input(tiny):
+    _, graph, calib = tiny
+    with pytest.raises(CalibrationError, match="calib_data"):
+        split_head(graph, groups="auto")
+    with pytest.raises(ConfigError, match="exactly once"):
+        split_head(graph, ["head1"], groups=[list(range(10)), list(range(9, 21))])
+    with pytest.raises(ConfigError, match="exactly once"):
+        split_head(graph, ["head1"], groups=[list(range(10)), list(range(11, 21))])
+    with pytest.raises(ConfigError, match="not a head conv.*requantize"):
+        split_head(graph, ["lateral"], groups=[[0, 1], [2, 3, 4, 5, 6, 7]])
+    with pytest.raises(ConfigError, match="not a module"):
+        split_head(graph, ["head9"], groups="yolo")
+    with pytest.raises(ConfigError, match="anchors"):
+        split_head(graph, ["head1"], groups="yolo", anchors=4)
+    with pytest.raises(ConfigError, match="merge"):
+        split_head(graph, groups="yolo", merge="sum")
+
+
+# --------------------------------------------------------------------------- COCO mAP
+
+
+def _synthetic_coco(tmp_path: Path, n: int = 6, seed: int = 0):
+    """Black images of varied sizes with white rectangles; COCO json of their boxes (classes 1 and 3)."""
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    (tmp_path / "img").mkdir()
+    for i in range(n):
+        w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        img = Image.new("RGB", (w, h))
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        bw, bh = int(rng.integers(10, w - x0)), int(rng.integers(10, h - y0))
+        ImageDraw.Draw(img).rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=(255, 255, 255))
+        img.save(tmp_path / "img" / f"{i:03d}.png")
+        images.append({"id": 100 + i, "file_name": f"{i:03d}.png", "width": w, "height": h})
+        anns.append({"id": i + 1, "image_id": 100 + i, "category_id": 1 + 2 * (i % 2), "bbox": [x0, y0, bw, bh],
+                     "area": bw * bh, "iscrowd": 0})
+    ann = {"images": images, "annotations": anns,
+           "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    return CocoImages(tmp_path / "img", tmp_path / "ann.json")
+
+
+def test_coco_map_letterbox_round_trip(tmp_path):
+    """A 'detector' that finds the white rectangle in the letterboxed input scores ~perfect mAP: the
+    letterbox transform and its inverse are consistent, and class k maps to the k-th category id."""
+    data = _synthetic_coco(tmp_path)
+    labels = {m["id"]: (0 if a["category_id"] == 1 else 1) for m, a in zip(data.images, data.annotations)}
+    order = iter([m["id"] for m in data.images])
+
+    def decode(x):
+        rows = []
+        for img in x:
+            mask = img.mean(0) > 0.9
+            ys, xs = mask.nonzero(as_tuple=True)
+            x1, x2, y1, y2 = xs.min().item(), xs.max().item() + 1, ys.min().item(), ys.max().item() + 1
+            scores = [0.0, 0.0]
+            scores[labels[next(order)]] = 0.9
+            rows.append(torch.tensor([[(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, *scores]]))
+        return rows
+
+    for stretch in (False, True):
+        order = iter([m["id"] for m in data.images])
+        rep = coco_map(lambda x: x, data, decode, size=128, stretch=stretch, batch_size=4, progress=False)
+        assert rep.map50 == pytest.approx(1.0) and rep.map > 0.7, (stretch, rep)
+
+
+def test_coco_eval_matches_pycocotools(tmp_path):
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    data = _synthetic_coco(tmp_path, n=12, seed=3)
+    # add a crowd box and a second object per image to exercise ignore handling and matching
+    rng = np.random.default_rng(5)
+    ann = json.loads((tmp_path / "ann.json").read_text())
+    for i, m in enumerate(ann["images"]):
+        ann["annotations"].append({"id": 1000 + i, "image_id": m["id"], "category_id": 1, "bbox": [2, 2, 20, 15],
+                                   "area": 300, "iscrowd": int(i % 4 == 0)})
+    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    data = CocoImages(tmp_path / "img", tmp_path / "ann.json")
+    results = []
+    for a in data.annotations:
+        for _ in range(3):
+            x, y, w, h = a["bbox"]
+            j = rng.normal(0, 3, 4)
+            results.append({"image_id": a["image_id"], "category_id": int(rng.choice([1, 3], p=[0.7, 0.3])),
+                            "bbox": [x + j[0], y + j[1], max(1, w + j[2]), max(1, h + j[3])],
+                            "score": float(rng.random())})
+    ours = coco_eval(results, data)
+    gt = COCO(str(tmp_path / "ann.json"))
+    ev = COCOeval(gt, gt.loadRes(results), "bbox")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    assert ours.map == pytest.approx(ev.stats[0], abs=1e-9)
+    assert ours.map50 == pytest.approx(ev.stats[1], abs=1e-9)
+
+
+def test_letterbox_and_nms():
+    img = Image.new("RGB", (100, 50))
+    x, info = letterbox(img, 64)
+    assert x.shape == (3, 64, 64) and info["gain"] == (0.64, 0.64) and info["pad"] == (0.0, 16.0)
+    assert x[:, 0, 0].allclose(torch.full((3,), 114 / 255))
+    p = torch.tensor([[10, 10, 4, 4, 0.9, 0.1], [10.5, 10, 4, 4, 0.8, 0.0], [30, 30, 4, 4, 0.0, 0.7]])
+    d = nms(p, conf=0.05, iou=0.5)
+    assert d.shape == (3, 6)  # the overlapping class-0 pair collapses; class 1 twice (one weak) stays
+    assert sorted(d[:, 5].tolist()) == [0.0, 1.0, 1.0]
+    with pytest.raises(qsurgery.DataError):
+        nms(torch.zeros(3, 4))
+
+
+def test_coco_images_bad_input(tmp_path):
+    with pytest.raises(qsurgery.DataError, match="does not exist"):
+        CocoImages(tmp_path / "nope")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "a.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(qsurgery.DataError, match="COCO json"):
+        CocoImages(tmp_path / "img", tmp_path / "a.json")
+
+
+# --------------------------------------------------------------------------- example loaders
+
+TINY_CFG = """
+[net]
+width=32
+height=32
+channels=3
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=1
+pad=1
+activation=leaky
+[maxpool]
+size=2
+stride=2
+[convolutional]
+batch_normalize=1
+filters=8
+size=3
+stride=1
+pad=1
+groups=8
+activation=leaky
+[shortcut]
+from=-2
+activation=linear
+[maxpool]
+size=3
+stride=1
+[convolutional]
+filters=21
+size=1
+stride=1
+pad=1
+activation=linear
+[yolo]
+mask=0,1,2
+anchors=4,4, 8,8, 12,12
+classes=2
+[route]
+layers=-3
+[upsample]
+stride=2
+[route]
+layers=-1,-9
+[convolutional]
+filters=21
+size=1
+stride=1
+activation=linear
+[yolo]
+mask=0,1,2
+anchors=4,4, 8,8, 12,12
+classes=2
+"""
+
+
+def test_darknet_loader_reads_cfg_and_weights(tmp_path):
+    from examples.detectors import darknet
+
+    (tmp_path / "t.cfg").write_text(TINY_CFG)
+    model = darknet.load(tmp_path / "t.cfg")
+    n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for n_, b in model.named_buffers()
+                                                         if "running" in n_)
+    values = np.arange(n, dtype=np.float32) / n + 0.5
+    header = np.array([0, 2, 0], dtype=np.int32).tobytes() + np.array([0], dtype=np.int64).tobytes()
+    (tmp_path / "t.weights").write_bytes(header + values.tobytes())
+    model = darknet.load(tmp_path / "t.cfg", tmp_path / "t.weights")
+    assert model.layers[0].bn.bias[0].item() == pytest.approx(0.5)  # BN beta comes first
+    heads = model(torch.rand(2, 3, 32, 32))
+    assert [h.shape for h in heads] == [(2, 21, 16, 16), (2, 21, 32, 32)]
+    rows = darknet.decoder(model)(heads)
+    assert len(rows) == 2 and rows[0].shape == (16 * 16 * 3 + 32 * 32 * 3, 4 + 2)
+    graph = qsurgery.capture(model, torch.rand(1, 3, 32, 32))
+    assert [h["conv"] for h in find_heads(graph)] == ["layers.5.conv", "layers.10.conv"]
+    (tmp_path / "short.weights").write_bytes(header + values[:-5].tobytes())
+    with pytest.raises(ValueError, match="ends early"):
+        darknet.load(tmp_path / "t.cfg", tmp_path / "short.weights")
+
+
+def test_yolov5n_definition_matches_its_state_dict_layout():
+    from examples.detectors import yolov5
+
+    model = yolov5.YOLOv5n()
+    total = sum(p.numel() for p in model.parameters())
+    bn_channels = sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert total - bn_channels == 1_867_405  # Ultralytics' published count, BN fused into conv biases
+    heads = model.eval()(torch.rand(1, 3, 64, 64))
+    assert [tuple(h.shape) for h in heads] == [(1, 255, 8, 8), (1, 255, 4, 4), (1, 255, 2, 2)]
+
+
+class Decoupled(nn.Module):
+    """A YOLOX-style decoupled head: one conv per task, outputs concatenated (box | obj | classes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
+        self.box, self.obj, self.cls = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 1, 1), nn.Conv2d(8, NC, 1)
+        with torch.no_grad():
+            self.obj.weight *= 60
+            self.cls.weight *= 30
+
+    def forward(self, x):
+        f = self.stem(x)
+        return torch.cat([self.box(f), self.obj(f), self.cls(f)], 1)
+
+
+def _recipe():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "yolo_head_split.py"
+    spec = importlib.util.spec_from_file_location("yolo_head_split_recipe", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_recipe_splits_fused_heads_and_keeps_decoupled_concats_float(tiny, tmp_path):
+    recipe = _recipe()
+    model, _, calib = tiny
+    x = torch.rand(8, 3, 32, 32)
+
+    def evaluate(model_fn, ref_model):
+        with torch.no_grad():
+            ref, out = ref_model(x), model_fn(x)
+            ref, out = (ref, out) if isinstance(ref, list) else ([ref], [out])
+            return -sum(float((r - o).pow(2).mean() / r.pow(2).mean()) for r, o in zip(ref, out))
+
+    res = recipe.yolo_head_split(model, x[:1], calib, lambda fn: evaluate(fn, model), out=tmp_path / "fused",
+                                 verify_inputs=calib[:1], log=lambda _s: None)
+    f = res["figures"]
+    assert f["split_kept"] and f["int8_split"] > f["int8"]
+    assert (tmp_path / "fused" / "model_int8_split.onnx").is_file()
+    assert f["onnx_int8_split"] == pytest.approx(f["int8_split"], rel=0.05)
+
+    dec = Decoupled().eval()
+    res = recipe.yolo_head_split(dec, x[:1], calib, lambda fn: evaluate(fn, dec), log=lambda _s: None)
+    assert res["split"] is None  # nothing to split: the concat is kept float instead
+    assert layer_is_float(res["sim_split"].plan["cat"]) and res["figures"]["int8_split"] > res["figures"]["int8"]
+
+
+def layer_is_float(layer) -> bool:
+    return layer.activation is not None and layer.activation.dtype == "float"

@@ -1,0 +1,149 @@
+"""Structured channel pruning: coupled groups, physical removal, predicted MACs, recovery, refusals."""
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import qsurgery
+from qsurgery import CalibrationError, ConfigError
+from qsurgery.passes import channel_groups, prune_channels
+
+
+def conv_bn(ci, co, k=3, s=1):
+    return nn.Sequential(nn.Conv2d(ci, co, k, s, k // 2, bias=False), nn.BatchNorm2d(co), nn.SiLU())
+
+
+class CSPDetector(nn.Module):
+    """YOLO-style: CSP blocks (chunk + residual + concat), an upsampling concat neck, two fused heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_bn(3, 16, 3, 2)
+        self.cv1 = conv_bn(16, 32, 1)
+        self.m = conv_bn(16, 16)
+        self.cv2 = conv_bn(48, 32, 1)
+        self.down = conv_bn(32, 64, 3, 2)
+        self.lateral = conv_bn(64, 32, 1)
+        self.fuse = conv_bn(64, 32, 1)
+        self.head1 = nn.Conv2d(64, 21, 1)
+        self.head2 = nn.Conv2d(32, 21, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        a, b = self.cv1(x).chunk(2, 1)
+        y = self.cv2(torch.cat([a, b, self.m(b) + b], 1))
+        d = self.down(y)
+        up = nn.functional.interpolate(self.lateral(d), scale_factor=2.0, mode="nearest")
+        p = self.fuse(torch.cat([up, y], 1))
+        return [self.head1(d), self.head2(p)]
+
+
+def _check(graph, result, x):
+    out_before, out_after = graph(x), result.graph(x)
+    if isinstance(out_before, torch.Tensor):
+        out_before, out_after = [out_before], [out_after]
+    assert [o.shape for o in out_before] == [o.shape for o in out_after]
+    step = result.changes[-1]
+    assert result.cost_after["macs"] == step["macs"] == step["predicted_macs"]
+    assert result.cost_after["params"] < result.cost_before["params"]
+    assert not result.exact
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_050", "efficientnet_lite0", "repvgg_a0", "regnetx_002",
+                                  "densenet121", "ghostnet_050"])
+def test_zoo_prune_30_percent(arch):
+    model = timm.create_model(arch, pretrained=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = qsurgery.capture(model, x[:1])
+    result = prune_channels(graph, amount=0.3)
+    _check(graph, result, x)
+    ratio = result.macs_ratio
+    if arch == "regnetx_002":  # its grouped convs tie whole stages: less to prune, and the result says why
+        assert 0.6 < ratio < 0.95 and any("grouped conv" in n for n in result.notes)
+    else:
+        assert 0.3 < ratio < 0.65, ratio
+
+
+def test_concat_heavy_detector_keeps_heads_and_offsets():
+    torch.manual_seed(0)
+    model = CSPDetector().eval()
+    x = torch.randn(2, 3, 32, 32)
+    graph = qsurgery.capture(model, x[:1])
+    cg = channel_groups(graph)
+    assert not cg.unknown_ops
+    result = prune_channels(graph, amount=0.3, exclude=["lateral"])
+    _check(graph, result, x)
+    g = result.graph
+    assert g.head1.out_channels == 21 and g.head2.out_channels == 21  # outputs keep their channels
+    assert g.get_submodule("lateral.0").out_channels == 32  # excluded
+    # cv1's two halves are chunked apart: each half pruned alike, and cv2 reads 3 blocks of the b-half width
+    half = g.get_submodule("cv1.0").out_channels // 2
+    assert g.get_submodule("cv2.0").in_channels == 2 * half + g.get_submodule("m.0").out_channels
+    assert g.get_submodule("m.0").out_channels == half  # residual with b couples them
+
+
+def test_dead_channels_are_the_ones_removed_and_nothing_changes():
+    torch.manual_seed(0)
+    model = CSPDetector().eval()
+    with torch.no_grad():  # make a quarter of down's channels dead: zero filters and zero BN shift
+        bn = model.down[1]
+        model.down[0].weight[:16] = 0
+        bn.bias[:16] = 0
+        bn.weight[:16] = 1e-8
+        bn.running_mean[:16] = 0
+    x = torch.randn(2, 3, 32, 32)
+    graph = qsurgery.capture(model, x[:1])
+    result = prune_channels(graph, amount=0.25, exclude=["stem", "cv1", "m", "cv2", "lateral", "fuse"])
+    assert result.graph.get_submodule("down.0").out_channels == 48
+    for a, b in zip(graph(x), result.graph(x)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_target_macs_iterative_steps_and_kd_recovery():
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    x = torch.randn(8, 3, 32, 32)
+    graph = qsurgery.capture(model, x[:1])
+    r = prune_channels(graph, target_macs=0.6, steps=2)
+    assert len(r.changes) == 2
+    assert 0.5 < r.macs_ratio <= 0.62
+    calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    plain = prune_channels(graph, amount=0.3)
+    kd = prune_channels(graph, amount=0.3, calib_data=calib, recover="kd", recover_steps=30, lr=1e-3)
+    with torch.no_grad():
+        ref = graph(x)
+        err = [float((g(x) - ref).pow(2).mean()) for g in (plain.graph, kd.graph)]
+    assert err[1] < 0.7 * err[0], err
+    taylor = prune_channels(graph, amount=0.3, criterion="taylor", calib_data=calib)
+    gamma = prune_channels(graph, amount=0.3, criterion="bn_gamma")
+    assert taylor.cost_after["macs"] == gamma.cost_after["macs"] == plain.cost_after["macs"]
+
+
+class Rolled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = conv_bn(3, 8), conv_bn(8, 8), conv_bn(8, 8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.b(torch.roll(self.a(x), 1, dims=1))  # a channel shift: coupling unknown to the analysis
+        return self.fc(self.c(x).mean((2, 3)))
+
+
+def test_prune_refusals():
+    graph = qsurgery.capture(Rolled().eval(), torch.randn(1, 3, 8, 8))
+    r = prune_channels(graph, amount=0.5)
+    assert any("roll" in n for n in r.notes)
+    assert r.graph.get_submodule("a.0").out_channels == 8  # not pruned through the unknown op
+    assert r.graph.get_submodule("b.0").out_channels == 4
+    assert r.graph(torch.randn(2, 3, 8, 8)).shape == (2, 4)
+    with pytest.raises(ConfigError, match="zero channels|amount"):
+        prune_channels(graph, amount=1.0)
+    with pytest.raises(ConfigError, match="not modules"):
+        prune_channels(graph, exclude=["nope"])
+    with pytest.raises(CalibrationError, match="calib_data"):
+        prune_channels(graph, criterion="taylor")
+    with pytest.raises(CalibrationError, match="calib_data"):
+        prune_channels(graph, recover="kd")
