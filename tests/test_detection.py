@@ -64,7 +64,7 @@ def test_find_heads_and_exact_split_both_merges(tiny):
     ref = model(x)
     for merge in ("outputs", "float_concat"):
         r = split_head(graph, groups="yolo", merge=merge, calib_data=calib)
-        assert r.exact and r.float_error < 1e-4  # same weights, fp32 summation-order noise only
+        assert r.exact and r.float_error < 1e-6  # same weights, fp32 summation-order noise only
         out = r.graph(x)
         if merge == "outputs":
             assert len(out) == 6

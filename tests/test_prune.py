@@ -147,3 +147,66 @@ def test_prune_refusals():
         prune_channels(graph, criterion="taylor")
     with pytest.raises(CalibrationError, match="calib_data"):
         prune_channels(graph, recover="kd")
+
+
+def _masked(graph, cg, removed):
+    """The unpruned graph with the removed channels forced to zero at every conv/linear/BN that carries them
+    (zero activations stay zero through ReLU/SiLU): what the pruned graph must compute exactly."""
+    import copy
+
+    from qsurgery.passes.prune import _kept
+
+    g = copy.deepcopy(graph)
+    with torch.no_grad():
+        for name, mp in cg.out_maps.items():
+            keep = set(_kept(mp, removed))
+            drop = [i for i in range(len(mp)) if i not in keep]
+            if not drop:
+                continue
+            m = g.get_submodule(name)
+            m.weight[drop] = 0
+            if getattr(m, "bias", None) is not None:
+                m.bias[drop] = 0
+    return g
+
+
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "resnet18", "csp"])
+def test_pruned_graph_equals_the_masked_original(arch):
+    from qsurgery.passes.prune import _elements, _scores, _select
+
+    torch.manual_seed(0)
+    model = CSPDetector().eval() if arch == "csp" else timm.create_model(arch, pretrained=False).eval()
+    for m in model.modules():  # non-trivial BN statistics
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 32, 32)
+    graph = qsurgery.capture(model, x[:1])
+    cg = channel_groups(graph)
+    removed = _elements(cg, _select(cg, _scores(graph, cg, "l1", None), 0.3))
+    pruned = prune_channels(graph, amount=0.3).graph
+    masked = _masked(graph, cg, removed)
+    a, b = masked(x), pruned(x)
+    for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4)
+
+
+def test_bias_compensation_keeps_the_mean_of_removed_channels():
+    torch.manual_seed(0)
+    model = CSPDetector().eval()
+    with torch.no_grad():  # channels with a large constant part: BN shift, then SiLU
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.uniform_(1.0, 3.0)
+    x = torch.rand(4, 3, 32, 32)
+    calib = [torch.rand(8, 3, 32, 32) for _ in range(2)]
+    graph = qsurgery.capture(model, x[:1])
+    plain = prune_channels(graph, amount=0.3)
+    comp = prune_channels(graph, amount=0.3, calib_data=calib)
+    assert comp.cost_after["macs"] == plain.cost_after["macs"]  # (compensation adds conv biases)
+    with torch.no_grad():
+        ref = graph(x)
+        err = [sum(float((o - r).pow(2).mean()) for o, r in zip(g(x), ref)) for g in (plain.graph, comp.graph)]
+    assert err[1] < 0.5 * err[0], err

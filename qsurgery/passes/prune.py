@@ -6,8 +6,8 @@ to its input channel, a concat lays its inputs' channels side by side (offset bo
 them, flatten into a linear expands each channel into its spatial block. The connected components are the
 channel groups that must be removed together; a group reaching the model output, an excluded layer, or an op
 whose channel coupling is unknown is not prunable (the op is named in the result). Every criterion (L1 of the
-filters, BN gamma, first-order Taylor) scores the same groups, and channels are removed physically, so MACs
-and parameters really drop.
+filters with a following BN folded in, BN gamma, first-order Taylor) scores the same groups, and channels are
+removed physically, so MACs and parameters really drop.
 """
 
 from __future__ import annotations
@@ -298,12 +298,16 @@ def _scores(graph: fx.GraphModule, cg: ChannelGroups, criterion: str, calib_data
         if isinstance(m, BATCHNORM_MODULES) or name in raw:
             continue
         w = m.weight.detach()
-        if criterion == "bn_gamma":
-            bn = _following_bn(graph, name)
-            if bn is not None:
-                raw[name] = modules[bn].weight.detach().abs()
-                continue
-        raw[name] = w.flatten(1).abs().sum(1)
+        bn = _following_bn(graph, name)
+        if criterion == "bn_gamma" and bn is not None:
+            raw[name] = modules[bn].weight.detach().abs()
+            continue
+        score = w.flatten(1).abs().sum(1)
+        if bn is not None and w.shape[0] == modules[bn].num_features:  # the filter as it acts: BN folded in
+            b = modules[bn]
+            gamma = b.weight.detach().abs() if b.weight is not None else 1.0
+            score = score * gamma / (b.running_var.detach() + b.eps).sqrt()
+        raw[name] = score
     scores: dict[Element, float] = {}
     for name, s in raw.items():
         s = s.float().cpu()
@@ -360,20 +364,64 @@ def _predict_macs(graph: fx.GraphModule, cg: ChannelGroups, removed_elems: set[E
     return total
 
 
-def _apply(graph: fx.GraphModule, cg: ChannelGroups, removed_elems: set[Element]) -> fx.GraphModule:
+def _input_means(graph: fx.GraphModule, names: Sequence[str], calib_data: Any) -> dict[str, torch.Tensor]:
+    """Mean of every input channel (input feature, for linears) of the named modules over calibration data."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = dict.fromkeys(names, 0)
+    hooks = []
+    for name in names:
+        def hook(_m, inputs, name=name):
+            x = inputs[0].detach().float()
+            dims = [d for d in range(x.dim()) if d != 1] if x.dim() > 2 else [0]
+            n = x.numel() // x.shape[1]
+            sums[name] = sums.get(name, 0) + x.sum(dims)
+            counts[name] += n
+        hooks.append(graph.get_submodule(name).register_forward_pre_hook(hook))
+    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
+    device = device_of(graph)
+    try:
+        with torch.no_grad():
+            for batch in iter_inputs(calib_data, n_inputs):
+                graph(*[t.to(device) for t in batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {k: v / max(counts[k], 1) for k, v in sums.items()}
+
+
+def _apply(graph: fx.GraphModule, cg: ChannelGroups, removed_elems: set[Element],
+           means: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
     new = copy.deepcopy(graph)
     new.meta.update(copy.deepcopy(dict(graph.meta)))
     for name in set(cg.out_maps) | set(cg.in_maps):
         m = new.get_submodule(name)
         out_keep = _kept(cg.out_maps.get(name), removed_elems)
         in_keep = _kept(cg.in_maps.get(name), removed_elems)
-        set_module(new, name, _shrink(m, in_keep, out_keep, cg.expand.get(name, 1)))
+        set_module(new, name, _shrink(m, in_keep, out_keep, cg.expand.get(name, 1), (means or {}).get(name)))
     new.recompile()
     refresh_shapes(new)
     return new
 
 
-def _shrink(m: nn.Module, in_keep: list[int] | None, out_keep: list[int] | None, expand: int) -> nn.Module:
+def _compensation(w: torch.Tensor, in_keep: list[int] | None, mean: torch.Tensor | None, expand: int
+                  ) -> torch.Tensor | None:
+    """What the removed input channels contributed on average, per output: sum_c W[:, c] * mean_c (the
+    constant part of a removed channel, which the next layer's bias can carry instead)."""
+    if mean is None or in_keep is None:
+        return None
+    n_in = w.shape[1] // expand if w.dim() == 2 else w.shape[1]
+    drop = sorted(set(range(n_in)) - set(in_keep))
+    if not drop:
+        return None
+    if w.dim() == 2:
+        idx = torch.tensor([c * expand + j for c in drop for j in range(expand)], device=w.device)
+        return w[:, idx] @ mean.to(w.device)[idx]
+    idx = torch.tensor(drop, device=w.device)
+    return w[:, idx].flatten(2).sum(2) @ mean.to(w.device)[idx]
+
+
+def _shrink(m: nn.Module, in_keep: list[int] | None, out_keep: list[int] | None, expand: int,
+            mean: torch.Tensor | None = None) -> nn.Module:
     n_out = m.num_features if isinstance(m, BATCHNORM_MODULES) else m.weight.shape[0]
     n_in = None if isinstance(m, BATCHNORM_MODULES) else (
         m.in_features // expand if isinstance(m, nn.Linear) else m.in_channels)
@@ -397,14 +445,15 @@ def _shrink(m: nn.Module, in_keep: list[int] | None, out_keep: list[int] | None,
         return new.train(m.training)
     w = m.weight.detach()
     o = torch.tensor(out_keep if out_keep is not None else range(w.shape[0]), device=w.device)
+    comp = None if (getattr(m, "groups", 1) > 1) else _compensation(w, in_keep, mean, expand)
     if isinstance(m, nn.Linear):
         i_ch = in_keep if in_keep is not None else range(w.shape[1] // expand)
         i = torch.tensor([c * expand + j for c in i_ch for j in range(expand)], device=w.device)
-        new = nn.Linear(len(i), len(o), bias=m.bias is not None).to(w.device)
+        new = nn.Linear(len(i), len(o), bias=m.bias is not None or comp is not None).to(w.device)
         with torch.no_grad():
             new.weight.copy_(w[o][:, i])
-            if m.bias is not None:
-                new.bias.copy_(m.bias[o])
+            if new.bias is not None:
+                new.bias.copy_((m.bias[o] if m.bias is not None else 0) + (comp[o] if comp is not None else 0))
         return new
     depthwise = m.groups > 1 and m.groups == m.in_channels == m.out_channels
     if depthwise:
@@ -415,12 +464,12 @@ def _shrink(m: nn.Module, in_keep: list[int] | None, out_keep: list[int] | None,
         i = torch.tensor(in_keep if in_keep is not None else range(w.shape[1]), device=w.device)
         cin, groups = len(i), 1
         weight = w[o][:, i]
-    new = type(m)(cin, len(o), m.kernel_size, m.stride, m.padding, m.dilation, groups, m.bias is not None,
-                  m.padding_mode).to(w.device)
+    new = type(m)(cin, len(o), m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                  m.bias is not None or comp is not None, m.padding_mode).to(w.device)
     with torch.no_grad():
         new.weight.copy_(weight)
-        if m.bias is not None:
-            new.bias.copy_(m.bias[o])
+        if new.bias is not None:
+            new.bias.copy_((m.bias[o] if m.bias is not None else 0) + (comp[o] if comp is not None else 0))
     return new
 
 
@@ -457,14 +506,17 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_
                    criterion: Literal["l1", "bn_gamma", "taylor"] = "l1", exclude: Sequence[str] = (),
                    calib_data: Any = None, steps: int = 1,
                    recover: Callable[[fx.GraphModule], fx.GraphModule] | Literal["kd"] | None = None,
-                   recover_steps: int = 50, lr: float = 1e-4) -> PassResult:
+                   recover_steps: int = 50, lr: float = 1e-4, compensate: bool = True) -> PassResult:
     """Remove the least important channel groups.
 
     ``amount``: share of each coupled cluster's channel groups to remove (in ``steps`` equal steps), or
     ``target_macs``: a MACs target (absolute, or a fraction of the current MACs when <= 1) reached by search
     over the amount. ``exclude``: module names (or prefixes) whose output channels are kept, e.g. the head.
     ``recover``: after each step, ``"kd"`` (``recover_steps`` steps of distillation against the unpruned
-    graph on ``calib_data``) or a callable graph -> graph. Approximate: the result says so.
+    graph on ``calib_data``) or a callable graph -> graph. With ``calib_data`` and ``compensate``, the mean
+    contribution of every removed channel is folded into the bias of the layers that read it (a removed channel
+    is rarely zero on average: BN shifts and saturated activations make it a constant the next layer relied
+    on). Approximate: the result says so.
     """
     modules = dict(graph.named_modules())
     missing = [x for x in exclude if x not in modules]
@@ -504,7 +556,12 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_
         scores = _scores(current, cg, criterion, calib_data)
         removed = _elements(cg, _select(cg, scores, per_step))
         predicted = _predict_macs(current, cg, removed)
-        pruned = _apply(current, cg, removed)
+        means = None
+        if calib_data is not None and compensate:
+            means = _input_means(current, [n for n, mp in cg.in_maps.items() if mp is not None
+                                           and not isinstance(current.get_submodule(n), BATCHNORM_MODULES)],
+                                 calib_data)
+        pruned = _apply(current, cg, removed, means)
         if recover == "kd":
             _distill(pruned, graph, calib_data, recover_steps, lr)
         elif callable(recover):

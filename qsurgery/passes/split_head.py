@@ -401,7 +401,8 @@ def _make_merger(flat_out: list, replaced: dict[int, tuple[list[list[int]], int]
 
 
 def _float_error(old: fx.GraphModule, new: fx.GraphModule, merger: Callable | None, calib_data: Any) -> float:
-    """Max |split - original| over the outputs, on one calibration batch (or the example shape)."""
+    """Max |split - original| relative to max |original| over the outputs, on one calibration batch (or a
+    random batch of the example shape)."""
     n_inputs = sum(1 for n in old.graph.nodes if n.op == "placeholder")
     device = device_of(old)
     if calib_data is not None:
@@ -421,4 +422,5 @@ def _float_error(old: fx.GraphModule, new: fx.GraphModule, merger: Callable | No
     fb, _ = tree_flatten(b)
     if len(fa) != len(fb):
         raise AssertionError("split graph changed the output structure")
-    return max(float((x - y).abs().max()) for x, y in zip(fa, fb))
+    scale = max(float(x.abs().max()) for x in fa)
+    return max(float((x - y).abs().max()) for x, y in zip(fa, fb)) / max(scale, 1e-12)
