@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import CalibrationError, ConfigError
 from ..graph import BATCHNORM_MODULES, device_of, module_macs, set_module
-from ..quant.simulate import iter_inputs
+from ..quant.simulate import iter_inputs, run_hooked
 from .common import PassResult, graph_cost, refresh_shapes
 
 __all__ = ["prune_channels", "channel_groups", "ChannelGroups"]
@@ -377,15 +377,7 @@ def _input_means(graph: fx.GraphModule, names: Sequence[str], calib_data: Any) -
             sums[name] = sums.get(name, 0) + x.sum(dims)
             counts[name] += n
         hooks.append(graph.get_submodule(name).register_forward_pre_hook(hook))
-    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
-    device = device_of(graph)
-    try:
-        with torch.no_grad():
-            for batch in iter_inputs(calib_data, n_inputs):
-                graph(*[t.to(device) for t in batch])
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(graph, calib_data, hooks)
     return {k: v / max(counts[k], 1) for k, v in sums.items()}
 
 

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import CalibrationError, ConfigError
 from ..graph import device_of, is_activation, is_passthrough, set_module
-from ..quant.simulate import iter_inputs
+from ..quant.simulate import iter_inputs, run_hooked
 from .common import PassResult, graph_cost, refresh_shapes
 
 __all__ = ["split_head", "find_heads", "channel_ranges", "ChannelMerge", "HeadGroups"]
@@ -97,15 +97,7 @@ def channel_ranges(graph: fx.GraphModule, convs: Sequence[str], calib_data: Any,
             else:
                 ranges[name] = [lo, hi]
         hooks.append(graph.get_submodule(name).register_forward_hook(hook))
-    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
-    device = device_of(graph)
-    try:
-        with torch.no_grad():
-            for batch in iter_inputs(calib_data, n_inputs):
-                graph(*[t.to(device) for t in batch])
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(graph, calib_data, hooks)
     missing = [n for n in convs if n not in ranges]
     if missing:
         raise CalibrationError(f"no calibration batch reached {missing}")

@@ -146,6 +146,20 @@ def iter_inputs(data: Any, n_inputs: int = 1, *, expected_shapes: Sequence[tuple
         raise CalibrationError(f"{what} data is empty: give at least one batch of inputs")
 
 
+def run_hooked(graph: fx.GraphModule, data: Any, handles: list) -> None:
+    """Run ``graph`` over every batch of ``data`` without gradients, then remove the hook ``handles``
+    (the statistics-gathering loop shared by passes that observe activations)."""
+    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
+    device = device_of(graph)
+    try:
+        with torch.no_grad():
+            for batch in iter_inputs(data, n_inputs):
+                graph(*[t.to(device) for t in batch])
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class _Replayable:
     """Iterate calibration data twice even when it is a one-shot iterator (caches the batches)."""
 
