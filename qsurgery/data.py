@@ -164,15 +164,43 @@ def stack(dataset: Dataset | Sequence) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack(images), torch.tensor(labels)
 
 
+def _pixel_bounds(model: nn.Module, pixel_range: str | tuple | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-channel ``(lo, hi)`` as ``(1, C, 1, 1)`` tensors, or None for unbounded pixels."""
+    if pixel_range is None:
+        return None
+    if isinstance(pixel_range, str):
+        if pixel_range != "auto":
+            raise DataError(f"pixel_range must be 'auto', None or (lo, hi), got {pixel_range!r}")
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+        if "mean" not in cfg or "std" not in cfg:
+            return None
+        mean = torch.tensor(cfg["mean"], dtype=torch.float32)
+        std = torch.tensor(cfg["std"], dtype=torch.float32)
+        lo, hi = -mean / std, (1 - mean) / std
+    else:
+        try:
+            lo, hi = (torch.as_tensor(v, dtype=torch.float32).flatten() for v in pixel_range)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"pixel_range must be 'auto', None or (lo, hi), got {pixel_range!r}") from exc
+        if not bool((hi > lo).all()):
+            raise DataError(f"pixel_range needs lo < hi, got {pixel_range!r}")
+    return lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1)
+
+
 def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 224, steps: int = 200,
                    batch_size: int = 32, lr: float = 0.25, smoothness: float = 0.05, seed: int = 0,
-                   cache_dir: str | Path | None = None, progress: bool = True) -> torch.Tensor:
+                   pixel_range: str | tuple | None = "auto", cache_dir: str | Path | None = None,
+                   progress: bool = True) -> torch.Tensor:
     """``n`` calibration images generated from the model itself, no data needed (ZeroQ-style).
 
     Random inputs are optimised so that the batch statistics entering every BatchNorm layer match its running
     mean and standard deviation, with a total-variation prior for natural-image smoothness (``smoothness``).
-    Returns an ``(n, 3, H, W)`` tensor in the model's input space. Seeded and deterministic; with
-    ``cache_dir`` the result is stored under a key of the model's weights and the arguments, and reused.
+    Pixels stay inside the range real images have after normalisation (``pixel_range``: ``(lo, hi)``, scalars
+    or per channel; ``"auto"`` derives it from a timm model's ``pretrained_cfg`` mean/std, ``None`` leaves
+    pixels unbounded): unbounded optimisation drives pixels to +-8 where real ones stay in +-1, which
+    stretches the input range the quantizer sees. Returns an ``(n, 3, H, W)`` tensor in the model's input
+    space. Seeded and deterministic; with ``cache_dir`` the result is stored under a key of the model's
+    weights and the arguments, and reused.
     """
     import hashlib
 
@@ -189,12 +217,14 @@ def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 22
                         f"calibration images are generated from them. Calibrate on real images instead "
                         f"(a few dozen from the target domain).")
     h, w = (size, size) if isinstance(size, int) else size
+    bounds = _pixel_bounds(model, pixel_range)
     cache_file = None
     if cache_dir is not None:
         digest = hashlib.sha256()
         for t in model.state_dict().values():
             digest.update(t.detach().cpu().float().numpy().tobytes()[:4096])
-        digest.update(repr((n, h, w, steps, batch_size, lr, smoothness, seed)).encode())
+        key = None if bounds is None else [t.flatten().tolist() for t in bounds]
+        digest.update(repr((n, h, w, steps, batch_size, lr, smoothness, seed, key)).encode())
         cache_file = Path(cache_dir).expanduser() / f"distilled-{digest.hexdigest()[:16]}.pt"
         if cache_file.is_file():
             return torch.load(cache_file, weights_only=True)
@@ -220,12 +250,21 @@ def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 22
                    leave=False)
         for start in batches:
             b = min(batch_size, n - start)
-            x = torch.randn(b, 3, h, w, generator=gen).to(device).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=lr)
+            z = torch.randn(b, 3, h, w, generator=gen).to(device).requires_grad_(True)
+            if bounds is None:
+                def image(z=z):
+                    return z
+            else:
+                lo, hi = (t.to(device) for t in bounds)
+
+                def image(z=z, lo=lo, hi=hi):
+                    return lo + (hi - lo) * torch.sigmoid(z)
+            opt = torch.optim.Adam([z], lr=lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
             for _ in range(steps):
                 stats.clear()
                 opt.zero_grad()
+                x = image()
                 model(x)
                 loss = sum((mu - m.running_mean).norm() + (sd - (m.running_var + m.eps).sqrt()).norm()
                            for mu, sd, m in stats) / len(stats)
@@ -234,7 +273,8 @@ def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 22
                 opt.step()
                 sched.step()
                 bar.update(1)
-            out.append(x.detach().cpu())
+            with torch.no_grad():
+                out.append(image().detach().cpu())
         bar.close()
     finally:
         for hd in handles:

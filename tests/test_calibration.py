@@ -107,3 +107,21 @@ def test_distill_images_needs_batchnorm():
         distill_images(net(bn=False), 4, size=12, steps=2, progress=False)
     with pytest.raises(DataError, match="at least 1"):
         distill_images(net(), 0, size=12)
+
+
+def test_distilled_pixels_stay_in_the_range_real_images_have():
+    model = net()
+    model.pretrained_cfg = {"mean": (0.5, 0.4, 0.3), "std": (0.25, 0.2, 0.5)}  # as timm models carry it
+    x = distill_images(model, 4, size=12, steps=30, batch_size=4, progress=False)
+    lo = (-torch.tensor([0.5, 0.4, 0.3]) / torch.tensor([0.25, 0.2, 0.5])).view(1, 3, 1, 1)
+    hi = ((1 - torch.tensor([0.5, 0.4, 0.3])) / torch.tensor([0.25, 0.2, 0.5])).view(1, 3, 1, 1)
+    assert bool((x >= lo).all() and (x <= hi).all())
+    assert bn_mismatch(model, x) < 0.5 * bn_mismatch(model, torch.rand(4, 3, 12, 12) * (hi - lo) + lo)
+    free = distill_images(model, 4, size=12, steps=30, batch_size=4, pixel_range=None, progress=False)
+    assert not bool((free >= lo).all() and (free <= hi).all())  # unbounded: outside what a photo can be
+    tight = distill_images(model, 4, size=12, steps=5, batch_size=4, pixel_range=(-0.5, 0.5), progress=False)
+    assert float(tight.abs().max()) <= 0.5
+    with pytest.raises(DataError, match="lo < hi"):
+        distill_images(model, 4, size=12, steps=1, pixel_range=(1.0, -1.0), progress=False)
+    with pytest.raises(DataError, match="pixel_range"):
+        distill_images(model, 4, size=12, steps=1, pixel_range="imagenet", progress=False)

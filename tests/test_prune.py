@@ -7,7 +7,7 @@ from torch import nn
 
 import qsurgery
 from qsurgery import CalibrationError, ConfigError
-from qsurgery.passes import channel_groups, prune_channels
+from qsurgery.passes import channel_groups, distill, prune_channels
 
 
 def conv_bn(ci, co, k=3, s=1):
@@ -111,12 +111,13 @@ def test_target_macs_iterative_steps_and_kd_recovery():
     assert 0.5 < r.macs_ratio <= 0.62
     calib = [torch.randn(8, 3, 32, 32) for _ in range(2)]
     plain = prune_channels(graph, amount=0.3)
-    kd = prune_channels(graph, amount=0.3, calib_data=calib, recover="kd", recover_steps=30, lr=1e-3)
+    kd = prune_channels(graph, amount=0.3, calib_data=calib, recover="kd", recover_steps=30, lr=1e-3,
+                        allocation="uniform")
     with torch.no_grad():
         ref = graph(x)
         err = [float((g(x) - ref).pow(2).mean()) for g in (plain.graph, kd.graph)]
     assert err[1] < 0.7 * err[0], err
-    taylor = prune_channels(graph, amount=0.3, criterion="taylor", calib_data=calib)
+    taylor = prune_channels(graph, amount=0.3, criterion="taylor", calib_data=calib, allocation="uniform")
     gamma = prune_channels(graph, amount=0.3, criterion="bn_gamma")
     assert taylor.cost_after["macs"] == gamma.cost_after["macs"] == plain.cost_after["macs"]
 
@@ -204,9 +205,69 @@ def test_bias_compensation_keeps_the_mean_of_removed_channels():
     calib = [torch.rand(8, 3, 32, 32) for _ in range(2)]
     graph = qsurgery.capture(model, x[:1])
     plain = prune_channels(graph, amount=0.3)
-    comp = prune_channels(graph, amount=0.3, calib_data=calib)
+    comp = prune_channels(graph, amount=0.3, calib_data=calib, allocation="uniform")
     assert comp.cost_after["macs"] == plain.cost_after["macs"]  # (compensation adds conv biases)
     with torch.no_grad():
         ref = graph(x)
         err = [sum(float((o - r).pow(2).mean()) for o, r in zip(g(x), ref)) for g in (plain.graph, comp.graph)]
     assert err[1] < 0.5 * err[0], err
+
+
+class HalfDead(nn.Module):
+    """``b`` has 16 near-dead channels (tiny BN scale, no shift); ``a``'s channels all matter."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = conv_bn(3, 16), conv_bn(16, 16), conv_bn(16, 32)
+        self.fc = nn.Linear(32, 10)
+        with torch.no_grad():
+            self.b[1].weight[16:] = 1e-3
+            self.b[1].bias[16:] = 0.0
+            self.fc.weight.mul_(20.0)  # confident logits, so that removing a live channel shows in the KL
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(self.stem(x))).mean((2, 3)))
+
+
+def test_sensitivity_allocation_spends_the_budget_where_the_output_moves_least():
+    torch.manual_seed(0)
+    graph = qsurgery.capture(HalfDead().eval(), torch.randn(1, 3, 16, 16))
+    calib = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    uniform = prune_channels(graph, amount=0.25, calib_data=calib, allocation="uniform")
+    sens = prune_channels(graph, amount=0.25, calib_data=calib, progress=False)  # auto: calib_data -> sensitivity
+    assert sens.changes[0]["allocation"] == "sensitivity"
+    assert sens.cost_after["macs"] <= uniform.cost_after["macs"]
+    removed = {row["modules"][0]: row["removed"] for row in sens.changes[0]["clusters"]}
+    assert removed["b.0"] >= 16 and removed.get("a.0", 0) < 4  # uniform: 8 of b, 4 of a
+    x = torch.randn(32, 3, 16, 16)
+    with torch.no_grad():
+        ref = graph(x).log_softmax(1)
+        kl = [float(torch.nn.functional.kl_div(g(x).log_softmax(1), ref, log_target=True, reduction="batchmean"))
+              for g in (uniform.graph, sens.graph)]
+    assert kl[1] < 0.5 * kl[0], kl
+    with pytest.raises(CalibrationError, match="calib_data"):
+        prune_channels(graph, amount=0.25, allocation="sensitivity")
+    with pytest.raises(ConfigError, match="allocation"):
+        prune_channels(graph, amount=0.25, allocation="global")
+
+
+def test_distill_trains_a_copy_and_only_the_named_modules():
+    torch.manual_seed(0)
+    graph = qsurgery.capture(HalfDead().eval(), torch.randn(1, 3, 16, 16))
+    student = prune_channels(graph, amount=0.5).graph
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    calib = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    tuned = distill(student, graph, calib, steps=40, lr=1e-2, trainable=["fc"])
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # the student is untouched
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"fc.weight", "fc.bias"}
+    x = calib[0]
+    with torch.no_grad():
+        ref = graph(x).log_softmax(1)
+        kl = [float(torch.nn.functional.kl_div(g(x).log_softmax(1), ref, log_target=True, reduction="batchmean"))
+              for g in (student, tuned)]
+    assert kl[1] < 0.5 * kl[0], kl
+    with pytest.raises(CalibrationError, match="not in the student"):
+        distill(student, graph, calib, steps=1, trainable=["nope"])
+    with pytest.raises(CalibrationError, match="calib_data"):
+        distill(student, graph, None, steps=1)

@@ -2,11 +2,11 @@
 ``assign_precision`` is the plan-level pass (graph + plan -> a mixed-precision plan)."""
 
 from .assign_precision import PrecisionResult, assign_precision
-from .common import PassResult, graph_cost
+from .common import PassResult, distill, graph_cost
 from .dw_to_dense import SeparableUnit, dw_to_dense, find_separable
 from .prune import ChannelGroups, channel_groups, prune_channels
 from .split_head import ChannelMerge, channel_ranges, find_heads, split_head
 
-__all__ = ["PassResult", "graph_cost", "dw_to_dense", "find_separable", "SeparableUnit", "split_head", "find_heads",
-           "channel_ranges", "ChannelMerge", "assign_precision", "PrecisionResult",
+__all__ = ["PassResult", "graph_cost", "distill", "dw_to_dense", "find_separable", "SeparableUnit", "split_head",
+           "find_heads", "channel_ranges", "ChannelMerge", "assign_precision", "PrecisionResult",
            "prune_channels", "channel_groups", "ChannelGroups"]

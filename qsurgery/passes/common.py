@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from ..errors import CalibrationError
 from ..graph import device_of, module_macs
 
-__all__ = ["PassResult", "graph_cost", "refresh_shapes"]
+__all__ = ["PassResult", "graph_cost", "refresh_shapes", "distill"]
 
 
 def refresh_shapes(gm: fx.GraphModule) -> None:
@@ -62,3 +65,61 @@ class PassResult:
         lines += [f"  {c}" for c in self.changes]
         lines += self.notes
         return "\n".join(lines)
+
+
+def distill(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any, *, steps: int = 50,
+            lr: float = 1e-4, trainable: Sequence[str] | None = None) -> fx.GraphModule:
+    """A trained copy of ``student`` after ``steps`` Adam steps of output distillation against ``teacher`` on
+    ``calib_data`` (no labels): KL for logits, mean squared error for other outputs.
+
+    The short recovery that approximate passes offer (pruning, reconstructed convs). ``trainable``: module
+    names whose parameters train (default: all). Both models run in eval mode, so BatchNorm statistics stay
+    what they were (a few batches would only make them noisier). ``student`` itself is not modified."""
+    new = copy.deepcopy(student)
+    new.meta.update(copy.deepcopy(dict(student.meta)))
+    _distill_(new, teacher, calib_data, steps, lr, trainable)
+    return new
+
+
+def _distill_(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any, steps: int, lr: float,
+              trainable: Sequence[str] | None = None) -> None:
+    from ..quant.simulate import iter_inputs
+
+    n_inputs = sum(1 for n in teacher.graph.nodes if n.op == "placeholder")
+    device = device_of(student)
+    batches = list(iter_inputs(calib_data, n_inputs, what="distillation")) if calib_data is not None else []
+    if not batches:
+        raise CalibrationError("distillation needs calib_data (input batches)")
+    if trainable is None:
+        params = list(student.parameters())
+    else:
+        missing = [n for n in trainable if n not in dict(student.named_modules())]
+        if missing:
+            raise CalibrationError(f"trainable module(s) {missing} are not in the student graph")
+        params = [p for n in trainable for p in student.get_submodule(n).parameters()]
+    flags = [p.requires_grad for p in student.parameters()]
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    student.eval()
+    teacher.eval()
+    opt = torch.optim.Adam(params, lr=lr)
+    try:
+        for step in range(steps):
+            x = [t.to(device) for t in batches[step % len(batches)]]
+            with torch.no_grad():
+                ref = teacher(*x)
+            out = student(*x)
+            if isinstance(ref, torch.Tensor) and ref.dim() == 2:
+                loss = F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean")
+            else:
+                ref_l = ref if isinstance(ref, (list, tuple)) else [ref]
+                out_l = out if isinstance(out, (list, tuple)) else [out]
+                loss = sum(F.mse_loss(o, r) for o, r in zip(out_l, ref_l))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        for p, flag in zip(student.parameters(), flags):
+            p.requires_grad_(flag)

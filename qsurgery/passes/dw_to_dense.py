@@ -25,7 +25,7 @@ from torch import nn
 from ..errors import CalibrationError, ConfigError, QSurgeryError
 from ..graph import BATCHNORM_MODULES, device_of, is_activation, pair
 from ..quant.simulate import iter_inputs
-from .common import PassResult, graph_cost, refresh_shapes
+from .common import PassResult, _distill_, graph_cost, refresh_shapes
 
 __all__ = ["dw_to_dense", "find_separable", "SeparableUnit"]
 
@@ -249,23 +249,6 @@ def _relative_error(a: torch.nn.Module, b: torch.nn.Module, calib: list[tuple[to
     return math.sqrt(num / max(den, 1e-30))
 
 
-def _distill(original: fx.GraphModule, new: fx.GraphModule, params: list[nn.Parameter],
-             calib: list[tuple[torch.Tensor, ...]], steps: int, lr: float) -> None:
-    """Short distillation of the new convs only: KL(original || new) on calibration inputs (T=1)."""
-    opt = torch.optim.Adam(params, lr=lr)
-    new.train(False)
-    for step in range(steps):
-        inputs = calib[step % len(calib)]
-        with torch.no_grad():
-            target = original(*inputs)
-        out = new(*inputs)
-        loss = F.kl_div(F.log_softmax(out, 1), F.log_softmax(target, 1), log_target=True, reduction="batchmean") \
-            if out.dim() == 2 else F.mse_loss(out, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
                 mode: Literal["auto", "exact", "reconstruct"] = "auto", calib_data: Iterable | None = None,
                 ridge: float = 1e-2, finetune_steps: int = 0, finetune_lr: float = 1e-4) -> PassResult:
@@ -320,7 +303,7 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
             how = "reconstructed"
             exact = False
         path = _replace(new, unit, dense)
-        new_params += list(dense.parameters())
+        new_params.append(path)
         changes.append({"block": unit.block, "replaced": unit.nodes, "new": path, "how": how,
                         "macs_before": unit.macs, "macs_after": unit.dense_macs})
     new.delete_all_unused_submodules()
@@ -328,7 +311,7 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
     new.recompile()
     refresh_shapes(new)
     if finetune_steps:
-        _distill(graph, new, new_params, calib, finetune_steps, finetune_lr)
+        _distill_(new, graph, calib, finetune_steps, finetune_lr, trainable=new_params)
         exact = False
         notes.append(f"distilled the new convs for {finetune_steps} steps against the original model")
     result = PassResult(new, changes, exact, before, graph_cost(new), notes=notes)

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import CalibrationError, ConfigError
 from ..graph import BATCHNORM_MODULES, device_of, module_macs, set_module
 from ..quant.simulate import iter_inputs, run_hooked
-from .common import PassResult, graph_cost, refresh_shapes
+from .common import PassResult, _distill_, graph_cost, refresh_shapes
 
 __all__ = ["prune_channels", "channel_groups", "ChannelGroups"]
 
@@ -337,9 +337,102 @@ def _select(cg: ChannelGroups, scores: dict[Element, float], amount: float) -> s
             raise ConfigError(f"pruning {amount:.0%} would leave {mods[:3]} with zero channels")
         if k == 0:
             continue
-        ranked = sorted(cluster, key=lambda g: sum(scores.get(e, 0.0) for e in cg.groups[g]) / len(cg.groups[g]))
-        removed.update(ranked[:k])
+        removed.update(_ranked(cg, cluster, scores)[:k])
     return removed
+
+
+def _ranked(cg: ChannelGroups, cluster: list[Element], scores: dict[Element, float]) -> list[Element]:
+    return sorted(cluster, key=lambda g: sum(scores.get(e, 0.0) for e in cg.groups[g]) / len(cg.groups[g]))
+
+
+def _divergence(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
+    """KL(float || pruned) for logits, relative squared error for other outputs."""
+    total = 0.0
+    for r, o in zip(ref, out):
+        if r.dim() == 2:
+            total += float(F.kl_div(o.float().log_softmax(1), r.float().log_softmax(1), log_target=True,
+                                    reduction="batchmean"))
+        else:
+            total += float((o - r).pow(2).mean() / r.pow(2).mean().clamp(min=1e-12))
+    return total
+
+
+def _outputs(graph: fx.GraphModule, batches: list) -> list[torch.Tensor]:
+    outs: list[list[torch.Tensor]] = []
+    device = device_of(graph)
+    with torch.no_grad():
+        for batch in batches:
+            o = graph(*[t.to(device) for t in batch])
+            outs.append([t.detach().cpu() for t in (o if isinstance(o, (list, tuple)) else [o])])
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
+def _select_by_sensitivity(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, float],
+                           goal_macs: float, calib_data: Any, means: dict[str, torch.Tensor] | None,
+                           ratios: Sequence[float], images: int, progress: bool, notes: list[str]
+                           ) -> tuple[set[Element], list[dict]]:
+    """Measure, per coupled cluster, the output divergence of pruning it alone at each ratio; then spend the
+    MACs budget greedily where divergence per saved MAC is lowest (clusters are assumed to add up)."""
+    from tqdm.auto import tqdm
+
+    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
+    batches, seen = [], 0
+    for batch in iter_inputs(calib_data, n_inputs):
+        batches.append(batch)
+        seen += batch[0].shape[0]
+        if seen >= images:
+            break
+    ref = _outputs(graph, batches)
+    base = _predict_macs(graph, cg, set())
+    clusters = cg.clusters()
+    curves: list[list[tuple[float, int, list[Element]]]] = []  # per cluster: (divergence, macs saved, groups)
+    bar = tqdm(total=len(clusters) * len(ratios), desc="pruning sensitivity", unit="eval", disable=not progress,
+               leave=False)
+    for cluster in clusters:
+        ranked = _ranked(cg, cluster, scores)
+        curve: list[tuple[float, int, list[Element]]] = [(0.0, 0, [])]
+        last_k = 0
+        for r in ratios:
+            k = int(math.floor(r * len(ranked) + 1e-9))
+            bar.update(1)
+            if k == last_k or k >= len(ranked):
+                continue
+            last_k = k
+            removed = _elements(cg, set(ranked[:k]))
+            div = _divergence(ref, _outputs(_apply(graph, cg, removed, means), batches))
+            saved = base - _predict_macs(graph, cg, removed)
+            curve.append((max(div, curve[-1][0]), saved, ranked[:k]))
+            if div > 1.0:  # this cluster breaks the model: higher ratios only break it more
+                break
+        curves.append(curve)
+    bar.close()
+    level = [0] * len(curves)
+    saved = 0
+    goal_saved = base - goal_macs
+    while saved < goal_saved:
+        best, best_eff = None, math.inf
+        for c, curve in enumerate(curves):  # one level at a time, so the budget is not overshot by much
+            j = level[c] + 1
+            if j < len(curve) and curve[j][1] > curve[level[c]][1]:
+                eff = (curve[j][0] - curve[level[c]][0]) / (curve[j][1] - curve[level[c]][1])
+                if eff < best_eff:
+                    best, best_eff = (c, j), eff
+        if best is None:
+            notes.append(f"MACs goal {goal_macs / 1e6:.1f} M not reachable with at most {max(ratios):.0%} of each "
+                         "cluster (or clusters that break the model): pruned what was measured")
+            break
+        c, j = best
+        level[c] = j
+        chosen = {g for k, curve in enumerate(curves) for g in curve[level[k]][2]}
+        saved = base - _predict_macs(graph, cg, _elements(cg, chosen))  # savings overlap: count them together
+    removed_groups = {g for c, curve in enumerate(curves) for g in curve[level[c]][2]}
+    table = [{"modules": sorted({m for g in clusters[c] for m, _ in cg.groups[g]})[:3], "groups": len(clusters[c]),
+              "removed": len(curves[c][level[c]][2]), "divergence": curves[c][level[c]][0],
+              "macs_saved": curves[c][level[c]][1]} for c in range(len(curves)) if level[c]]
+    return removed_groups, table
+
+
+_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 
 
 def _kept(mp: list | None, removed_elems: set[Element]) -> list[int] | None:
@@ -465,45 +558,22 @@ def _shrink(m: nn.Module, in_keep: list[int] | None, out_keep: list[int] | None,
     return new
 
 
-def _distill(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any, steps: int, lr: float) -> None:
-    """A few steps of output distillation (KL for logits, MSE otherwise) on the calibration batches."""
-    n_inputs = sum(1 for n in teacher.graph.nodes if n.op == "placeholder")
-    batches = list(iter_inputs(calib_data, n_inputs))
-    if not batches:
-        raise CalibrationError("recovery by distillation needs calib_data")
-    device = device_of(student)
-    student.train()
-    for mod in student.modules():  # keep BN statistics: a few batches would only make them noisier
-        if isinstance(mod, BATCHNORM_MODULES):
-            mod.eval()
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
-    for step in range(steps):
-        x = [t.to(device) for t in batches[step % len(batches)]]
-        with torch.no_grad():
-            ref = teacher(*x)
-        out = student(*x)
-        if isinstance(ref, torch.Tensor) and ref.dim() == 2:
-            loss = F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean")
-        else:
-            ref_l = ref if isinstance(ref, (list, tuple)) else [ref]
-            out_l = out if isinstance(out, (list, tuple)) else [out]
-            loss = sum(F.mse_loss(o, r) for o, r in zip(out_l, ref_l))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    student.eval()
-
-
 def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_macs: float | None = None,
                    criterion: Literal["l1", "bn_gamma", "taylor"] = "l1", exclude: Sequence[str] = (),
                    calib_data: Any = None, steps: int = 1,
                    recover: Callable[[fx.GraphModule], fx.GraphModule] | Literal["kd"] | None = None,
-                   recover_steps: int = 50, lr: float = 1e-4, compensate: bool = True) -> PassResult:
+                   recover_steps: int = 50, lr: float = 1e-4, compensate: bool = True,
+                   allocation: Literal["auto", "uniform", "sensitivity"] = "auto", sensitivity_images: int = 64,
+                   progress: bool = True) -> PassResult:
     """Remove the least important channel groups.
 
     ``amount``: share of each coupled cluster's channel groups to remove (in ``steps`` equal steps), or
-    ``target_macs``: a MACs target (absolute, or a fraction of the current MACs when <= 1) reached by search
-    over the amount. ``exclude``: module names (or prefixes) whose output channels are kept, e.g. the head.
+    ``target_macs``: a MACs target (absolute, or a fraction of the current MACs when <= 1).
+    ``allocation``: ``"uniform"`` takes the same share from every cluster of coupled channels;
+    ``"sensitivity"`` measures, on ``sensitivity_images`` calibration images, how far the output moves when
+    each cluster alone is pruned at 12.5 ... 75 %, and spends the same MACs budget (the uniform one's for
+    ``amount``) where it moves the output least; ``"auto"``: sensitivity when ``calib_data`` is given.
+    ``exclude``: module names (or prefixes) whose output channels are kept, e.g. the head.
     ``recover``: after each step, ``"kd"`` (``recover_steps`` steps of distillation against the unpruned
     graph on ``calib_data``) or a callable graph -> graph. With ``calib_data`` and ``compensate``, the mean
     contribution of every removed channel is folded into the bias of the layers that read it (a removed channel
@@ -522,6 +592,12 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_
         raise CalibrationError("recover='kd' distils on calibration data: pass calib_data")
     if steps < 1:
         raise ConfigError("steps must be >= 1")
+    if allocation not in ("auto", "uniform", "sensitivity"):
+        raise ConfigError(f"allocation must be 'auto', 'uniform' or 'sensitivity', not {allocation!r}")
+    if allocation == "sensitivity" and calib_data is None:
+        raise CalibrationError("allocation='sensitivity' measures each cluster on calibration data: pass "
+                               "calib_data (or use allocation='uniform')")
+    by_sensitivity = allocation == "sensitivity" or (allocation == "auto" and calib_data is not None)
     before = graph_cost(graph)
     current = graph
     changes: list[dict] = []
@@ -532,7 +608,11 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_
     if not cg0.prunable:
         raise ConfigError("no prunable channel group: every channel reaches an output, an excluded layer or an "
                           f"op with unknown coupling ({', '.join(cg0.unknown_ops) or 'none'})")
-    if target_macs is not None:
+    goal = None
+    if target_macs is not None and by_sensitivity:
+        goal = target_macs * before["macs"] if target_macs <= 1 else target_macs
+        amount = 0.0
+    elif target_macs is not None:
         goal = target_macs * before["macs"] if target_macs <= 1 else target_macs
         scores = _scores(graph, cg0, criterion, calib_data)
         lo, hi = 0.0, 0.95
@@ -546,22 +626,34 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_
     for step in range(steps):
         cg = channel_groups(current, exclude=exclude)
         scores = _scores(current, cg, criterion, calib_data)
-        removed = _elements(cg, _select(cg, scores, per_step))
-        predicted = _predict_macs(current, cg, removed)
         means = None
         if calib_data is not None and compensate:
             means = _input_means(current, [n for n, mp in cg.in_maps.items() if mp is not None
                                            and not isinstance(current.get_submodule(n), BATCHNORM_MODULES)],
                                  calib_data)
+        clusters_table = None
+        if by_sensitivity:
+            if goal is not None:
+                step_goal = before["macs"] * (goal / before["macs"]) ** ((step + 1) / steps)
+            else:
+                step_goal = _predict_macs(current, cg, _elements(cg, _select(cg, scores, per_step)))
+            groups, clusters_table = _select_by_sensitivity(current, cg, scores, step_goal, calib_data, means,
+                                                            _RATIOS, sensitivity_images, progress, notes)
+            removed = _elements(cg, groups)
+        else:
+            removed = _elements(cg, _select(cg, scores, per_step))
+        predicted = _predict_macs(current, cg, removed)
         pruned = _apply(current, cg, removed, means)
         if recover == "kd":
-            _distill(pruned, graph, calib_data, recover_steps, lr)
+            _distill_(pruned, graph, calib_data, recover_steps, lr)
         elif callable(recover):
             pruned = recover(pruned)
         cost = graph_cost(pruned)
         changes.append({"step": step + 1, "channels_removed": len(removed), "groups_removed":
                         len({g for g in cg.groups if cg.groups[g][0] in removed}), "macs": cost["macs"],
-                        "predicted_macs": predicted, "params": cost["params"]})
+                        "predicted_macs": predicted, "params": cost["params"],
+                        "allocation": "sensitivity" if by_sensitivity else "uniform",
+                        **({"clusters": clusters_table} if clusters_table is not None else {})})
         current = pruned
     _check_shapes(graph, current)
     result = PassResult(current, changes, False, before, graph_cost(current), notes=notes)
