@@ -3,7 +3,10 @@
 For each exported model: file size, nodes before/after onnxsim, max error (absolute, and in output
 quantization steps for QDQ), top-1 agreement with PyTorch, and top-1 against the labels, on images the
 calibration did not see. onnxruntime runs each file twice: optimizations off (the file's exact Q/DQ
-arithmetic) and its default optimizations (its own fused integer kernels).
+arithmetic) and its default optimizations (its own fused integer kernels). The last row prices 7-bit weights,
+which onnxruntime's integer kernels on x86 without VNNI need (its reduce_range). Finally the float32 noise
+floor: the simulation against itself at batch size 1 instead of 25 (PyTorch picks other convolution
+algorithms, so sums are added in another order), the agreement no float32 runtime can be expected to beat.
 
     python benchmarks/export_check.py --data ../shared/data/imagenet-sample-dev
 """
@@ -73,6 +76,8 @@ def main() -> None:
         ("int8, conv_stem + blocks.0.0.conv_dw float", qsurgery.QuantConfig.int8()
          .override("conv_stem", dtype="float").override("blocks.0.0.conv_dw", dtype="float"), 17),
         ("int8, blocks.0.0.conv_dw int16", qsurgery.QuantConfig.int8().override("blocks.0.0.conv_dw", bits=16), 21),
+        ("int8, 7-bit weights (ORT x86 reduce_range)", qsurgery.QuantConfig.int8().override("*", weight_bits=7),
+         17),
     ]
     print(f"\n| {'QDQ model':<44} | opset | MB   | nodes (sim) | Q/DQ | int W | exact: steps / agree | "
           "ORT int kernels: steps / agree | top-1 sim / exact / ORT |")
@@ -93,6 +98,12 @@ def main() -> None:
         print(f"| {name:<44} | {opset:5d} | {rep.size_bytes / 1e6:4.2f} | {rep.nodes_before:4d} -> "
               f"{rep.nodes_after:4d} | {rep.qdq_pairs:4d} | {rep.int_weights:5d} | {c_exact:>20} | {c_fast:>30} | "
               f"{top1(s_out, ye):.2f} / {top1(exact, ye):.2f} / {top1(fast, ye):.2f} |", flush=True)
+        if i == 0:
+            with torch.no_grad():
+                one = torch.cat([sim(xe[j:j + 1]) for j in range(len(xe))]).numpy()
+            noise_floor = compare(one, s_out, step)
+
+    print(f"\nfloat32 noise floor (int8 simulation at batch size 1 vs 25): {noise_floor}", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 from _lite0 import load_lite0
 
 import qsurgery
-from qsurgery.passes import distill, prune_channels
+from qsurgery.passes import distill, prune_channels, pruning_sensitivity
 
 
 def main() -> None:
@@ -45,11 +45,17 @@ def main() -> None:
 
     print(f"{len(s.xc)} calibration / {len(xe)} evaluation images; criterion {args.criterion}", flush=True)
     rows = [("original", 0.0, graph, 0.0)]
+    t = time.perf_counter()
+    measured = pruning_sensitivity(graph, s.calib, criterion=args.criterion, images=64, progress=False)
+    t_sens = time.perf_counter() - t
+    print(f"pruning_sensitivity: {len(measured.clusters)} clusters, {t_sens:.0f} s (shared by every amount)",
+          flush=True)
+    print(measured.to_markdown(), flush=True)
     for amount in args.amounts:
         variants = [
             ("uniform", dict(allocation="uniform")),
             ("uniform + bias compensation", dict(allocation="uniform", calib_data=s.calib)),
-            ("sensitivity + compensation", dict(allocation="sensitivity", calib_data=s.calib)),
+            ("sensitivity + compensation", dict(sensitivity=measured, calib_data=s.calib)),
         ]
         for name, kwargs in variants:
             t = time.perf_counter()

@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--sens-images", type=int, default=64, help="evaluation images used for sensitivity")
     a.add_argument("--no-distill", dest="distill", action="store_false",
                    help="without --data, use crops of built-in photos instead of images distilled from the model")
-    a.add_argument("--distill-steps", type=int, default=100, help="optimisation steps per distilled batch")
+    a.add_argument("--distill-steps", type=int, default=40, help="optimisation steps per distilled batch")
     a.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "qsurgery",
                    help="where distilled images are cached (default ~/.cache/qsurgery)")
     a.set_defaults(func=_cmd_analyze)

@@ -187,7 +187,7 @@ def _pixel_bounds(model: nn.Module, pixel_range: str | tuple | None) -> tuple[to
     return lo.view(1, -1, 1, 1), hi.view(1, -1, 1, 1)
 
 
-def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 224, steps: int = 200,
+def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 224, steps: int = 40,
                    batch_size: int = 32, lr: float = 0.25, smoothness: float = 0.05, seed: int = 0,
                    pixel_range: str | tuple | None = "auto", cache_dir: str | Path | None = None,
                    progress: bool = True) -> torch.Tensor:

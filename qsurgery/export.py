@@ -38,6 +38,7 @@ class ExportError(QSurgeryError):
 
 
 def _onnx_int_dtype(fmt: TensorFormat) -> torch.dtype:
+    """The ONNX integer type that carries ``fmt`` (2..7-bit values travel in 8-bit types, exactly)."""
     if fmt.bits <= 8:
         return torch.int8 if fmt.symmetric else torch.uint8
     return torch.int16 if fmt.symmetric else torch.uint16
@@ -109,6 +110,8 @@ class _ExportActQuant(nn.Module):
         if self.fmt.dtype == "fp16":
             return x.to(torch.float16).to(torch.float32)
         qmin, qmax = self.fmt.qrange
+        if self.fmt.bits < 8:  # ONNX has no 2..7-bit types: a Clip to the narrow grid, then an 8-bit Q/DQ pair
+            x = torch.clamp(x, (qmin - self.zero_point) * self.scale, (qmax - self.zero_point) * self.scale)
         return _QDQ.apply(x, self.scale, self.zero_point, qmin, qmax, _onnx_int_dtype(self.fmt))
 
 
@@ -314,9 +317,6 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
             raise ExportError(f"int16 Q/DQ (layers {sorted(set(wide))[:5]}) need ONNX opset >= 21; pass opset=21")
         if qdq and opset < 13:
             raise ExportError("per-channel DequantizeLinear needs opset >= 13")
-        if any(f is not None and f.is_int and f.bits < 8 for layer in model.plan
-               for f in (layer.weight, layer.activation)):
-            raise ExportError("ONNX Q/DQ has no 2..7-bit types; export such a plan only as a simulation")
         module = _export_module(model)[0] if qdq else _float_copy(model)
     else:
         module = copy.deepcopy(model).eval()
@@ -476,7 +476,9 @@ def _verify(report: ExportReport, model: nn.Module, example: tuple, extra: Any, 
             report.differences.append(
                 "onnxruntime's fused integer kernels (default optimizations) deviate from the Q/DQ arithmetic by "
                 f"{r_err / step:.1f} steps: on x86 CPUs without VNNI its uint8 x int8 convolutions saturate 16-bit "
-                "intermediate sums. The file is right; a device compiler computes its own way.")
+                "intermediate sums when weights use the full int8 range. The file is right; to run it on those "
+                "kernels, simulate and export 7-bit weights (onnxruntime's reduce_range): "
+                "QuantConfig.int8().override('*', weight_bits=7).")
 
 
 def _trace_layers(report: ExportReport, sim: SimulatedModel, example: tuple, in_names: list[str], options) -> None:

@@ -77,6 +77,20 @@ def test_widened_float_and_fp16_layers_in_qdq(simulated, tmp_path):
     assert "Cast" in _ops(rep16.path) and rep16.max_error_steps <= 1.0
 
 
+def test_narrow_formats_travel_in_8_bit_types(simulated, tmp_path):
+    graph, calib, x = simulated
+    cfg = qsurgery.QuantConfig.int8().override("conv*", weight_bits=4).override("conv1", act_bits=4)
+    sim, plan = qsurgery.quantize(graph, calib, cfg, progress=False)
+    report = export_onnx(sim, tmp_path / "q4.onnx", x, verify_inputs=calib)
+    assert report.max_error_steps <= 1.0 and report.top1_agreement == 1.0
+    model = onnx.load(str(report.path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    conv_weights = [inits[n.input[0]] for n in model.graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in inits and n.input[0].startswith("conv")]
+    assert conv_weights and all(w.dtype.name == "int8" and abs(w).max() <= 7 for w in conv_weights)
+    assert "Clip" in _ops(report.path)  # conv1's 4-bit activation grid, before its 8-bit Q/DQ pair
+
+
 def test_bad_export_requests(simulated, tmp_path):
     graph, calib, x = simulated
     with pytest.raises(ExportError, match="not writable|does not exist"):

@@ -7,7 +7,7 @@ from torch import nn
 
 import qsurgery
 from qsurgery import CalibrationError, ConfigError
-from qsurgery.passes import channel_groups, distill, prune_channels
+from qsurgery.passes import channel_groups, distill, graph_cost, prune_channels, pruning_sensitivity
 
 
 def conv_bn(ci, co, k=3, s=1):
@@ -245,6 +245,14 @@ def test_sensitivity_allocation_spends_the_budget_where_the_output_moves_least()
         kl = [float(torch.nn.functional.kl_div(g(x).log_softmax(1), ref, log_target=True, reduction="batchmean"))
               for g in (uniform.graph, sens.graph)]
     assert kl[1] < 0.5 * kl[0], kl
+    measured = pruning_sensitivity(graph, calib, progress=False)  # once, for several budgets
+    assert "b.0" in measured.to_markdown()
+    again = prune_channels(graph, amount=0.25, calib_data=calib, sensitivity=measured)
+    assert again.cost_after == sens.cost_after
+    smaller = prune_channels(graph, target_macs=0.5, calib_data=calib, sensitivity=measured)
+    assert smaller.cost_after["macs"] <= 0.5 * graph_cost(graph)["macs"] < again.cost_after["macs"]
+    with pytest.raises(ConfigError, match="another graph"):
+        prune_channels(smaller.graph, amount=0.25, calib_data=calib, sensitivity=measured)
     with pytest.raises(CalibrationError, match="calib_data"):
         prune_channels(graph, amount=0.25, allocation="sensitivity")
     with pytest.raises(ConfigError, match="allocation"):
@@ -271,3 +279,21 @@ def test_distill_trains_a_copy_and_only_the_named_modules():
         distill(student, graph, calib, steps=1, trainable=["nope"])
     with pytest.raises(CalibrationError, match="calib_data"):
         distill(student, graph, None, steps=1)
+
+
+def test_per_layer_amounts_prune_only_the_named_clusters():
+    torch.manual_seed(0)
+    graph = qsurgery.capture(HalfDead().eval(), torch.randn(1, 3, 16, 16))
+    calib = [torch.randn(16, 3, 16, 16) for _ in range(2)]
+    result = prune_channels(graph, amount={"b": 0.5, "stem.*": 0.25}, calib_data=calib)  # no sensitivity run
+    pruned = dict(result.graph.named_modules())
+    assert pruned["b.0"].out_channels == 16 and pruned["stem.0"].out_channels == 12
+    assert pruned["a.0"].out_channels == 16 and pruned["fc"].in_features == 16
+    assert "clusters" not in result.changes[0]
+    _check(graph, result, torch.randn(2, 3, 16, 16))
+    with pytest.raises(ConfigError, match="'head'.*no module of this graph matches"):
+        prune_channels(graph, amount={"head": 0.5})
+    with pytest.raises(ConfigError, match="shares in"):
+        prune_channels(graph, amount={"b": 1.0})
+    with pytest.raises(ConfigError, match="already say where"):
+        prune_channels(graph, amount={"b": 0.5}, calib_data=calib, allocation="sensitivity")

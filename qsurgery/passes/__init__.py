@@ -4,9 +4,9 @@
 from .assign_precision import PrecisionResult, assign_precision
 from .common import PassResult, distill, graph_cost
 from .dw_to_dense import SeparableUnit, dw_to_dense, find_separable
-from .prune import ChannelGroups, channel_groups, prune_channels
+from .prune import ChannelGroups, PruningSensitivity, channel_groups, prune_channels, pruning_sensitivity
 from .split_head import ChannelMerge, channel_ranges, find_heads, split_head
 
 __all__ = ["PassResult", "graph_cost", "distill", "dw_to_dense", "find_separable", "SeparableUnit", "split_head",
            "find_heads", "channel_ranges", "ChannelMerge", "assign_precision", "PrecisionResult",
-           "prune_channels", "channel_groups", "ChannelGroups"]
+           "prune_channels", "channel_groups", "ChannelGroups", "pruning_sensitivity", "PruningSensitivity"]

@@ -13,6 +13,7 @@ removed physically, so MACs and parameters really drop.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 import operator
 from collections import defaultdict
@@ -326,19 +327,31 @@ def _following_bn(graph: fx.GraphModule, name: str) -> str | None:
     return None
 
 
-def _select(cg: ChannelGroups, scores: dict[Element, float], amount: float) -> set[Element]:
-    """Per cluster of coupled modules, the ``amount`` share of channel groups with the lowest importance."""
+def _select(cg: ChannelGroups, scores: dict[Element, float], amount: float | dict[str, float]) -> set[Element]:
+    """Per cluster of coupled modules, the ``amount`` share of channel groups with the lowest importance
+    (per-layer amounts: the largest share named for any module of the cluster, 0 if none is named)."""
     removed: set[Element] = set()
     for cluster in cg.clusters():
         n = len(cluster)
-        k = int(math.floor(amount * n + 1e-9))
+        mods = sorted({m for g in cluster for m, _ in cg.groups[g]})
+        share = _share(amount, mods)
+        k = int(math.floor(share * n + 1e-9))
         if k >= n:
-            mods = sorted({m for g in cluster for m, _ in cg.groups[g]})
-            raise ConfigError(f"pruning {amount:.0%} would leave {mods[:3]} with zero channels")
+            raise ConfigError(f"pruning {share:.0%} would leave {mods[:3]} with zero channels")
         if k == 0:
             continue
         removed.update(_ranked(cg, cluster, scores)[:k])
     return removed
+
+
+def _matches(pattern: str, name: str) -> bool:
+    return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.startswith(pattern + ".")
+
+
+def _share(amount: float | dict[str, float], modules: Sequence[str]) -> float:
+    if not isinstance(amount, dict):
+        return amount
+    return max((v for k, v in amount.items() if any(_matches(k, m) for m in modules)), default=0.0)
 
 
 def _ranked(cg: ChannelGroups, cluster: list[Element], scores: dict[Element, float]) -> list[Element]:
@@ -367,12 +380,52 @@ def _outputs(graph: fx.GraphModule, batches: list) -> list[torch.Tensor]:
     return [torch.cat(parts) for parts in zip(*outs)]
 
 
-def _select_by_sensitivity(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, float],
-                           goal_macs: float, calib_data: Any, means: dict[str, torch.Tensor] | None,
-                           ratios: Sequence[float], images: int, progress: bool, notes: list[str]
-                           ) -> tuple[set[Element], list[dict]]:
-    """Measure, per coupled cluster, the output divergence of pruning it alone at each ratio; then spend the
-    MACs budget greedily where divergence per saved MAC is lowest (clusters are assumed to add up)."""
+@dataclass
+class PruningSensitivity:
+    """How far the outputs move (KL for logits) when each cluster of coupled channels alone is pruned at
+    12.5 ... 75 %, with the MACs each level saves. Measured once by ``pruning_sensitivity``, it can price
+    several budgets: pass it to ``prune_channels(sensitivity=...)``."""
+
+    clusters: list[list[Element]]
+    modules: list[list[str]]  # per cluster: the modules whose channels it couples
+    curves: list[list[tuple[float, int, list[Element]]]]  # per cluster: (divergence, MACs saved, groups)
+    base_macs: int
+    criterion: str
+    fingerprint: tuple
+
+    def to_markdown(self) -> str:
+        lines = ["| cluster (first modules) | channel groups | divergence at 12.5 / 25 / ... % |", "|---|---:|---|"]
+        for cluster, names, curve in zip(self.clusters, self.modules, self.curves):
+            lines.append(f"| {', '.join(names[:3])} | {len(cluster)} | "
+                         + " / ".join(f"{d:.3g}" for d, _s, _g in curve[1:]) + " |")
+        return "\n".join(lines)
+
+
+def _fingerprint(graph: fx.GraphModule, cg: ChannelGroups) -> tuple:
+    return (tuple(n.name for n in graph.graph.nodes), tuple(sorted(len(c) for c in cg.clusters())))
+
+
+def pruning_sensitivity(graph: fx.GraphModule, calib_data: Any, *, criterion: Literal["l1", "bn_gamma", "taylor"]
+                        = "l1", exclude: Sequence[str] = (), compensate: bool = True, images: int = 64,
+                        progress: bool = True) -> PruningSensitivity:
+    """Prune each cluster of coupled channels alone (its least important groups by ``criterion``, at
+    12.5 ... 75 %) and measure the output divergence on ``images`` calibration images."""
+    if calib_data is None:
+        raise CalibrationError("pruning sensitivity is measured on calibration data: pass calib_data")
+    cg = channel_groups(graph, exclude=exclude)
+    scores = _scores(graph, cg, criterion, calib_data)
+    means = _means_for(graph, cg, calib_data) if compensate else None
+    return _measure(graph, cg, scores, calib_data, means, _RATIOS, images, progress, criterion)
+
+
+def _means_for(graph: fx.GraphModule, cg: ChannelGroups, calib_data: Any) -> dict[str, torch.Tensor]:
+    return _input_means(graph, [n for n, mp in cg.in_maps.items() if mp is not None
+                                and not isinstance(graph.get_submodule(n), BATCHNORM_MODULES)], calib_data)
+
+
+def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, float], calib_data: Any,
+             means: dict[str, torch.Tensor] | None, ratios: Sequence[float], images: int, progress: bool,
+             criterion: str) -> PruningSensitivity:
     from tqdm.auto import tqdm
 
     n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
@@ -385,7 +438,7 @@ def _select_by_sensitivity(graph: fx.GraphModule, cg: ChannelGroups, scores: dic
     ref = _outputs(graph, batches)
     base = _predict_macs(graph, cg, set())
     clusters = cg.clusters()
-    curves: list[list[tuple[float, int, list[Element]]]] = []  # per cluster: (divergence, macs saved, groups)
+    curves: list[list[tuple[float, int, list[Element]]]] = []
     bar = tqdm(total=len(clusters) * len(ratios), desc="pruning sensitivity", unit="eval", disable=not progress,
                leave=False)
     for cluster in clusters:
@@ -406,6 +459,14 @@ def _select_by_sensitivity(graph: fx.GraphModule, cg: ChannelGroups, scores: dic
                 break
         curves.append(curve)
     bar.close()
+    names = [sorted({m for g in cl for m, _ in cg.groups[g]}) for cl in clusters]
+    return PruningSensitivity(clusters, names, curves, base, criterion, _fingerprint(graph, cg))
+
+
+def _allocate(graph: fx.GraphModule, cg: ChannelGroups, sens: PruningSensitivity, goal_macs: float,
+              notes: list[str]) -> tuple[set[Element], list[dict]]:
+    """Spend the MACs budget greedily where divergence per saved MAC is lowest (clusters assumed to add up)."""
+    curves, clusters, base = sens.curves, sens.clusters, sens.base_macs
     level = [0] * len(curves)
     saved = 0
     goal_saved = base - goal_macs
@@ -418,7 +479,7 @@ def _select_by_sensitivity(graph: fx.GraphModule, cg: ChannelGroups, scores: dic
                 if eff < best_eff:
                     best, best_eff = (c, j), eff
         if best is None:
-            notes.append(f"MACs goal {goal_macs / 1e6:.1f} M not reachable with at most {max(ratios):.0%} of each "
+            notes.append(f"MACs goal {goal_macs / 1e6:.1f} M not reachable with at most {max(_RATIOS):.0%} of each "
                          "cluster (or clusters that break the model): pruned what was measured")
             break
         c, j = best
@@ -426,7 +487,7 @@ def _select_by_sensitivity(graph: fx.GraphModule, cg: ChannelGroups, scores: dic
         chosen = {g for k, curve in enumerate(curves) for g in curve[level[k]][2]}
         saved = base - _predict_macs(graph, cg, _elements(cg, chosen))  # savings overlap: count them together
     removed_groups = {g for c, curve in enumerate(curves) for g in curve[level[c]][2]}
-    table = [{"modules": sorted({m for g in clusters[c] for m, _ in cg.groups[g]})[:3], "groups": len(clusters[c]),
+    table = [{"modules": sens.modules[c][:3], "groups": len(clusters[c]),
               "removed": len(curves[c][level[c]][2]), "divergence": curves[c][level[c]][0],
               "macs_saved": curves[c][level[c]][1]} for c in range(len(curves)) if level[c]]
     return removed_groups, table
@@ -558,21 +619,25 @@ def _shrink(m: nn.Module, in_keep: list[int] | None, out_keep: list[int] | None,
     return new
 
 
-def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_macs: float | None = None,
+def prune_channels(graph: fx.GraphModule, *, amount: float | dict[str, float] | None = 0.3,
+                   target_macs: float | None = None,
                    criterion: Literal["l1", "bn_gamma", "taylor"] = "l1", exclude: Sequence[str] = (),
                    calib_data: Any = None, steps: int = 1,
                    recover: Callable[[fx.GraphModule], fx.GraphModule] | Literal["kd"] | None = None,
                    recover_steps: int = 50, lr: float = 1e-4, compensate: bool = True,
                    allocation: Literal["auto", "uniform", "sensitivity"] = "auto", sensitivity_images: int = 64,
-                   progress: bool = True) -> PassResult:
+                   sensitivity: PruningSensitivity | None = None, progress: bool = True) -> PassResult:
     """Remove the least important channel groups.
 
-    ``amount``: share of each coupled cluster's channel groups to remove (in ``steps`` equal steps), or
+    ``amount``: share of each coupled cluster's channel groups to remove (in ``steps`` equal steps); or per
+    layer, ``{"blocks.5.*": 0.5, "conv_head": 0.25}`` (names, prefixes or globs; a cluster takes the largest
+    share named for any of its modules, unnamed clusters are kept; allocation is then yours); or
     ``target_macs``: a MACs target (absolute, or a fraction of the current MACs when <= 1).
     ``allocation``: ``"uniform"`` takes the same share from every cluster of coupled channels;
     ``"sensitivity"`` measures, on ``sensitivity_images`` calibration images, how far the output moves when
     each cluster alone is pruned at 12.5 ... 75 %, and spends the same MACs budget (the uniform one's for
     ``amount``) where it moves the output least; ``"auto"``: sensitivity when ``calib_data`` is given.
+    ``sensitivity``: a ``pruning_sensitivity`` result of this graph, so several budgets share one measurement.
     ``exclude``: module names (or prefixes) whose output channels are kept, e.g. the head.
     ``recover``: after each step, ``"kd"`` (``recover_steps`` steps of distillation against the unpruned
     graph on ``calib_data``) or a callable graph -> graph. With ``calib_data`` and ``compensate``, the mean
@@ -584,7 +649,18 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_
     missing = [x for x in exclude if x not in modules]
     if missing:
         raise ConfigError(f"excluded layer(s) {missing} are not modules of this graph")
-    if target_macs is None and (amount is None or not 0 < amount < 1):
+    per_layer = isinstance(amount, dict) and target_macs is None
+    if per_layer:
+        bad = {k: v for k, v in amount.items() if not isinstance(v, (int, float)) or not 0 <= v < 1}
+        if bad or not amount:
+            raise ConfigError(f"per-layer amounts must map layer names to shares in [0, 1), got {bad or amount}")
+        unknown = [k for k in amount if not any(_matches(k, m) for m in modules)]
+        if unknown:
+            raise ConfigError(f"per-layer amount(s) for {unknown}: no module of this graph matches")
+        if allocation == "sensitivity" or sensitivity is not None:
+            raise ConfigError("per-layer amounts already say where channels go: drop allocation='sensitivity'")
+        allocation = "uniform"
+    elif target_macs is None and (amount is None or isinstance(amount, dict) or not 0 < amount < 1):
         raise ConfigError(f"amount must be in (0, 1), got {amount}")
     if criterion not in ("l1", "bn_gamma", "taylor"):
         raise ConfigError(f"criterion must be 'l1', 'bn_gamma' or 'taylor', not {criterion!r}")
@@ -598,6 +674,14 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_
         raise CalibrationError("allocation='sensitivity' measures each cluster on calibration data: pass "
                                "calib_data (or use allocation='uniform')")
     by_sensitivity = allocation == "sensitivity" or (allocation == "auto" and calib_data is not None)
+    if sensitivity is not None:
+        if allocation == "uniform":
+            raise ConfigError("a sensitivity was given with allocation='uniform': drop one of them")
+        if steps != 1:
+            raise ConfigError("a precomputed sensitivity prices one step; with steps > 1 each step measures its own")
+        if sensitivity.criterion != criterion:
+            raise ConfigError(f"the sensitivity ranked channels by {sensitivity.criterion!r}, not {criterion!r}")
+        by_sensitivity = True
     before = graph_cost(graph)
     current = graph
     changes: list[dict] = []
@@ -622,23 +706,27 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | None = 0.3, target_
             lo, hi = (mid, hi) if predicted > goal else (lo, mid)
         amount = hi
         notes.append(f"target {goal / 1e6:.1f} M MACs -> amount {amount:.3f}")
-    per_step = 1 - (1 - amount) ** (1 / steps)
+    if per_layer:
+        per_step = {k: 1 - (1 - v) ** (1 / steps) for k, v in amount.items()}
+    else:
+        per_step = 1 - (1 - amount) ** (1 / steps)
     for step in range(steps):
         cg = channel_groups(current, exclude=exclude)
         scores = _scores(current, cg, criterion, calib_data)
-        means = None
-        if calib_data is not None and compensate:
-            means = _input_means(current, [n for n, mp in cg.in_maps.items() if mp is not None
-                                           and not isinstance(current.get_submodule(n), BATCHNORM_MODULES)],
-                                 calib_data)
+        means = _means_for(current, cg, calib_data) if calib_data is not None and compensate else None
         clusters_table = None
         if by_sensitivity:
             if goal is not None:
                 step_goal = before["macs"] * (goal / before["macs"]) ** ((step + 1) / steps)
             else:
                 step_goal = _predict_macs(current, cg, _elements(cg, _select(cg, scores, per_step)))
-            groups, clusters_table = _select_by_sensitivity(current, cg, scores, step_goal, calib_data, means,
-                                                            _RATIOS, sensitivity_images, progress, notes)
+            sens = sensitivity
+            if sens is None:
+                sens = _measure(current, cg, scores, calib_data, means, _RATIOS, sensitivity_images, progress,
+                                criterion)
+            elif sens.fingerprint != _fingerprint(current, cg):
+                raise ConfigError("the sensitivity was measured on another graph (or with other exclusions)")
+            groups, clusters_table = _allocate(current, cg, sens, step_goal, notes)
             removed = _elements(cg, groups)
         else:
             removed = _elements(cg, _select(cg, scores, per_step))
