@@ -198,6 +198,8 @@ class ExportReport:
     runtime_max_error_steps: float | None = None
     runtime_top1_agreement: float | None = None
     layer_differences: list[tuple[str, float, float]] = field(default_factory=list)
+    noise_floor_steps: float | None = None
+    noise_floor_agreement: float | None = None
 
     def summary(self) -> str:
         lines = [f"{'QDQ' if self.qdq else 'float'} ONNX {self.path} (opset {self.opset}, "
@@ -219,6 +221,12 @@ class ExportReport:
                 text += f" ({self.runtime_max_error_steps:.2f} steps)"
             if self.runtime_top1_agreement is not None:
                 text += f", top-1 agreement {100 * self.runtime_top1_agreement:.2f} %"
+            lines.append(text)
+        if self.noise_floor_steps is not None:
+            text = (f"  float32 noise floor (the simulation against itself, one input at a time): "
+                    f"{self.noise_floor_steps:.2f} steps")
+            if self.noise_floor_agreement is not None:
+                text += f", top-1 agreement {100 * self.noise_floor_agreement:.2f} %"
             lines.append(text)
         lines.extend(f"  {d}" for d in self.differences)
         return "\n".join(lines)
@@ -464,6 +472,8 @@ def _verify(report: ExportReport, model: nn.Module, example: tuple, extra: Any, 
         report.differences.append(f"largest difference in output {worst!r}")
     if report.qdq and isinstance(model, SimulatedModel):
         _trace_layers(report, model, example, in_names, exact)
+        if (step and max_err > step) or (rows and agree < rows):
+            _noise_floor(report, model, batches)
     if report.qdq:
         runtime = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
         r_err, _w, r_agree, r_rows, _n = _compare(runtime, model, batches, in_names, report.output_names)
@@ -479,6 +489,34 @@ def _verify(report: ExportReport, model: nn.Module, example: tuple, extra: Any, 
                 "intermediate sums when weights use the full int8 range. The file is right; to run it on those "
                 "kernels, simulate and export 7-bit weights (onnxruntime's reduce_range): "
                 "QuantConfig.int8().override('*', weight_bits=7).")
+
+
+def _noise_floor(report: ExportReport, sim: SimulatedModel, batches: list) -> None:
+    """How far the simulation moves from itself when only the order of its float32 sums changes (one input at
+    a time instead of batches: PyTorch picks other convolution algorithms). Differences between the file and
+    the simulation at this level are rounding noise, amplified by the network, not a wrong file."""
+    max_err, agree, rows = 0.0, 0, 0
+    with torch.no_grad():
+        for inputs in batches:
+            ref = _flatten(sim(*inputs))
+            single = [_flatten(sim(*[t[i:i + 1] for t in inputs])) for i in range(inputs[0].shape[0])]
+            for k, r in enumerate(ref):
+                one = torch.cat([s[k] for s in single])
+                if r.numel():
+                    max_err = max(max_err, float((r - one).abs().max()))
+                if r.dim() == 2 and k == 0:
+                    agree += int((r.argmax(1) == one.argmax(1)).sum())
+                    rows += r.shape[0]
+    step = report.output_step
+    report.noise_floor_steps = max_err / step if step else None
+    report.noise_floor_agreement = agree / rows if rows else None
+    if step and report.max_error_steps is not None:
+        report.differences.append(
+            f"the simulation differs from itself by up to {max_err / step:.1f} steps"
+            + (f" (top-1 agreement {100 * agree / rows:.2f} %)" if rows else "")
+            + " when only the order of its float32 sums changes: the file's differences "
+            + ("are at that level" if report.max_error_steps <= 2 * max(max_err / step, 1.0) else
+               "are larger than that: check the layer trace above"))
 
 
 def _trace_layers(report: ExportReport, sim: SimulatedModel, example: tuple, in_names: list[str], options) -> None:

@@ -91,6 +91,23 @@ def test_narrow_formats_travel_in_8_bit_types(simulated, tmp_path):
     assert "Clip" in _ops(report.path)  # conv1's 4-bit activation grid, before its 8-bit Q/DQ pair
 
 
+def test_noise_floor_says_whether_differences_are_rounding_noise(simulated, tmp_path):
+    from qsurgery.export import _noise_floor
+
+    graph, calib, x = simulated
+    sim, _ = qsurgery.quantize(graph, calib, progress=False)
+    report = export_onnx(sim, tmp_path / "q.onnx", x, verify_inputs=calib)
+    report.max_error_steps = 1.0
+    _noise_floor(report, sim, [(b,) for b in calib])
+    assert report.noise_floor_steps is not None and report.noise_floor_steps <= 1.0
+    assert report.noise_floor_agreement >= 0.9
+    assert "differs from itself" in report.differences[-1] and "at that level" in report.differences[-1]
+    assert "noise floor" in report.summary()
+    report.max_error_steps = 50.0  # a file far off the simulation: not noise
+    _noise_floor(report, sim, [(b,) for b in calib])
+    assert "larger than that" in report.differences[-1]
+
+
 def test_bad_export_requests(simulated, tmp_path):
     graph, calib, x = simulated
     with pytest.raises(ExportError, match="not writable|does not exist"):
