@@ -452,7 +452,7 @@ def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, flo
                 continue
             last_k = k
             removed = _elements(cg, set(ranked[:k]))
-            div = _divergence(ref, _outputs(_apply(graph, cg, removed, means), batches))
+            div = _divergence(ref, _outputs(_apply(graph, cg, removed, means, shapes=False), batches))
             saved = base - _predict_macs(graph, cg, removed)
             curve.append((max(div, curve[-1][0]), saved, ranked[:k]))
             if div > 1.0:  # this cluster breaks the model: higher ratios only break it more
@@ -536,7 +536,7 @@ def _input_means(graph: fx.GraphModule, names: Sequence[str], calib_data: Any) -
 
 
 def _apply(graph: fx.GraphModule, cg: ChannelGroups, removed_elems: set[Element],
-           means: dict[str, torch.Tensor] | None = None) -> fx.GraphModule:
+           means: dict[str, torch.Tensor] | None = None, shapes: bool = True) -> fx.GraphModule:
     new = copy.deepcopy(graph)
     new.meta.update(copy.deepcopy(dict(graph.meta)))
     for name in set(cg.out_maps) | set(cg.in_maps):
@@ -545,7 +545,8 @@ def _apply(graph: fx.GraphModule, cg: ChannelGroups, removed_elems: set[Element]
         in_keep = _kept(cg.in_maps.get(name), removed_elems)
         set_module(new, name, _shrink(m, in_keep, out_keep, cg.expand.get(name, 1), (means or {}).get(name)))
     new.recompile()
-    refresh_shapes(new)
+    if shapes:  # MACs need them; a throw-away trial does not
+        refresh_shapes(new)
     return new
 
 
