@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--data", default="../shared/data/imagenet-sample-dev")
     ap.add_argument("--n-calib", type=int, default=100)
     ap.add_argument("--n-dev", type=int, default=150)
-    ap.add_argument("--max-steps", type=int, default=24)
+    ap.add_argument("--max-steps", type=int, default=48)
     ap.add_argument("--max-k", type=int, default=8)
     ap.add_argument("--plot", default=None, help="folder for the Pareto plots")
     args = ap.parse_args()

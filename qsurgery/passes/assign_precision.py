@@ -147,7 +147,7 @@ def _score(out: torch.Tensor, labels: torch.Tensor | None, metric: str | Callabl
 
 def assign_precision(graph: fx.GraphModule, plan: QuantPlan, sensitivity: SensitivityReport, *,
                      target: str | Target | dict, data: Any, budget: float | None = None,
-                     max_cost: float | None = None, metric: str | Callable = "top1", max_steps: int = 24,
+                     max_cost: float | None = None, metric: str | Callable = "top1", max_steps: int = 48,
                      min_kl_gain: float = 0.005, progress: bool = True) -> PrecisionResult:
     """Choose per-layer formats for ``graph`` on ``target``.
 
