@@ -245,26 +245,23 @@ def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 22
     try:
         for p in model.parameters():
             p.requires_grad_(False)
+        lo, hi = (t.to(device) for t in bounds) if bounds is not None else (None, None)
+
+        def image(z: torch.Tensor) -> torch.Tensor:  # the optimised variable -> pixels inside the bounds
+            return z if lo is None else lo + (hi - lo) * torch.sigmoid(z)
+
         batches = range(0, n, batch_size)
         bar = tqdm(total=len(batches) * steps, desc="distilling images", unit="step", disable=not progress,
                    leave=False)
         for start in batches:
             b = min(batch_size, n - start)
             z = torch.randn(b, 3, h, w, generator=gen).to(device).requires_grad_(True)
-            if bounds is None:
-                def image(z=z):
-                    return z
-            else:
-                lo, hi = (t.to(device) for t in bounds)
-
-                def image(z=z, lo=lo, hi=hi):
-                    return lo + (hi - lo) * torch.sigmoid(z)
             opt = torch.optim.Adam([z], lr=lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
             for _ in range(steps):
                 stats.clear()
                 opt.zero_grad()
-                x = image()
+                x = image(z)
                 model(x)
                 loss = sum((mu - m.running_mean).norm() + (sd - (m.running_var + m.eps).sqrt()).norm()
                            for mu, sd, m in stats) / len(stats)
@@ -274,7 +271,7 @@ def distill_images(model: nn.Module, n: int, *, size: int | tuple[int, int] = 22
                 sched.step()
                 bar.update(1)
             with torch.no_grad():
-                out.append(image().detach().cpu())
+                out.append(image(z).detach().cpu())
         bar.close()
     finally:
         for hd in handles:

@@ -1,4 +1,5 @@
-"""Running models over data and the simplest comparisons: top-1 accuracy and float-vs-quantized agreement."""
+"""Running models over data and the simplest comparisons: top-1 accuracy, float-vs-quantized agreement and the
+KL divergence of the outputs (the soft signal that ranks changes where top-1 moves in coarse steps)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from tqdm.auto import tqdm
 from .errors import DataError
 from .graph import device_of
 
-__all__ = ["predict", "top1", "agreement"]
+__all__ = ["predict", "top1", "agreement", "kl_divergence"]
 
 
 @torch.no_grad()
@@ -52,3 +53,10 @@ def top1(outputs: torch.Tensor, labels: torch.Tensor) -> float:
 def agreement(reference: torch.Tensor, other: torch.Tensor) -> float:
     """Share of rows whose arg-max is the same in both outputs (label-free)."""
     return (reference.argmax(1) == other.argmax(1)).float().mean().item()
+
+
+def kl_divergence(reference: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean over samples of KL(softmax(reference) || softmax(out)) for ``(N, classes)`` logits."""
+    p = torch.log_softmax(reference.float(), 1)
+    q = torch.log_softmax(out.float(), 1)
+    return float((p.exp() * (p - q)).sum(1).mean())

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..analysis.sensitivity import SensitivityReport
 from ..cost import PlanCost, plan_cost
 from ..errors import ConfigError
-from ..evaluate import predict
+from ..evaluate import kl_divergence, predict
 from ..quant.plan import QuantPlan
 from ..quant.simulate import quantize
 from ..targets import Target, get_target
@@ -127,9 +127,7 @@ def measure_plan(graph: fx.GraphModule, plan: QuantPlan, data: Any, metric: str 
 def _kl(reference: torch.Tensor, out: torch.Tensor) -> float:
     if reference.dim() != 2:
         return float((reference - out).pow(2).mean())
-    p = torch.log_softmax(reference.float(), 1)
-    q = torch.log_softmax(out.float(), 1)
-    return float((p.exp() * (p - q)).sum(1).mean())
+    return kl_divergence(reference, out)
 
 
 def _score(out: torch.Tensor, labels: torch.Tensor | None, metric: str | Callable, reference: torch.Tensor | None

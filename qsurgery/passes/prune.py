@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError, ConfigError
+from ..evaluate import kl_divergence
 from ..graph import BATCHNORM_MODULES, device_of, module_macs, set_module
 from ..quant.simulate import iter_inputs, run_hooked
 from .common import PassResult, _distill_, graph_cost, refresh_shapes
@@ -363,8 +364,7 @@ def _divergence(ref: list[torch.Tensor], out: list[torch.Tensor]) -> float:
     total = 0.0
     for r, o in zip(ref, out):
         if r.dim() == 2:
-            total += float(F.kl_div(o.float().log_softmax(1), r.float().log_softmax(1), log_target=True,
-                                    reduction="batchmean"))
+            total += kl_divergence(r, o)
         else:
             total += float((o - r).pow(2).mean() / r.pow(2).mean().clamp(min=1e-12))
     return total
@@ -468,6 +468,10 @@ def _allocate(graph: fx.GraphModule, cg: ChannelGroups, sens: PruningSensitivity
     """Spend the MACs budget greedily where divergence per saved MAC is lowest (clusters assumed to add up)."""
     curves, clusters, base = sens.curves, sens.clusters, sens.base_macs
     level = [0] * len(curves)
+
+    def chosen() -> set[Element]:
+        return {g for c, curve in enumerate(curves) for g in curve[level[c]][2]}
+
     saved = 0
     goal_saved = base - goal_macs
     while saved < goal_saved:
@@ -484,13 +488,11 @@ def _allocate(graph: fx.GraphModule, cg: ChannelGroups, sens: PruningSensitivity
             break
         c, j = best
         level[c] = j
-        chosen = {g for k, curve in enumerate(curves) for g in curve[level[k]][2]}
-        saved = base - _predict_macs(graph, cg, _elements(cg, chosen))  # savings overlap: count them together
-    removed_groups = {g for c, curve in enumerate(curves) for g in curve[level[c]][2]}
+        saved = base - _predict_macs(graph, cg, _elements(cg, chosen()))  # savings overlap: count them together
     table = [{"modules": sens.modules[c][:3], "groups": len(clusters[c]),
               "removed": len(curves[c][level[c]][2]), "divergence": curves[c][level[c]][0],
               "macs_saved": curves[c][level[c]][1]} for c in range(len(curves)) if level[c]]
-    return removed_groups, table
+    return chosen(), table
 
 
 _RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
@@ -694,11 +696,11 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | dict[str, float] | 
         raise ConfigError("no prunable channel group: every channel reaches an output, an excluded layer or an "
                           f"op with unknown coupling ({', '.join(cg0.unknown_ops) or 'none'})")
     goal = None
-    if target_macs is not None and by_sensitivity:
+    if target_macs is not None:
         goal = target_macs * before["macs"] if target_macs <= 1 else target_macs
+    if goal is not None and by_sensitivity:
         amount = 0.0
-    elif target_macs is not None:
-        goal = target_macs * before["macs"] if target_macs <= 1 else target_macs
+    elif goal is not None:
         scores = _scores(graph, cg0, criterion, calib_data)
         lo, hi = 0.0, 0.95
         for _ in range(30):
