@@ -3,10 +3,12 @@
 For each exported model: file size, nodes before/after onnxsim, max error (absolute, and in output
 quantization steps for QDQ), top-1 agreement with PyTorch, and top-1 against the labels, on images the
 calibration did not see. onnxruntime runs each file twice: optimizations off (the file's exact Q/DQ
-arithmetic) and its default optimizations (its own fused integer kernels). The last row prices 7-bit weights,
-which onnxruntime's integer kernels on x86 without VNNI need (its reduce_range). Finally the float32 noise
-floor: the simulation against itself at batch size 1 instead of 25 (PyTorch picks other convolution
-algorithms, so sums are added in another order), the agreement no float32 runtime can be expected to beat.
+arithmetic in float32, compared with the float simulation) and its default optimizations (its own fused
+integer kernels, compared with the integer-exact simulation, ``qsurgery.integer_model``). Weights stored as
+uint8 + 128 (the same values) let onnxruntime on x86 without VNNI use exact uint8 x uint8 kernels; 7-bit
+weights (its reduce_range) are the other way. Finally the float32 noise floor: the float simulation against
+itself at batch size 1 instead of 25 (PyTorch picks other convolution algorithms, so sums are added in another
+order), the agreement no float32 runtime can be expected to beat.
 
     python benchmarks/export_check.py --data ../shared/data/imagenet-sample-dev
 """
@@ -71,33 +73,48 @@ def main() -> None:
           f"{100 * (o.argmax(1) == f_out.numpy().argmax(1)).mean():.2f} %; top-1 pytorch "
           f"{100 * qsurgery.top1(f_out, ye):.2f} %, onnx {100 * (o.argmax(1) == ye.numpy()).mean():.2f} %")
 
-    plans = [
-        ("int8 (W8 per-channel / A8 min-max)", qsurgery.QuantConfig.int8(), 17),
-        ("int8, conv_stem + blocks.0.0.conv_dw float", qsurgery.QuantConfig.int8()
-         .override("conv_stem", dtype="float").override("blocks.0.0.conv_dw", dtype="float"), 17),
-        ("int8, blocks.0.0.conv_dw int16", qsurgery.QuantConfig.int8().override("blocks.0.0.conv_dw", bits=16), 21),
-        ("int8, 7-bit weights (ORT x86 reduce_range)", qsurgery.QuantConfig.int8().override("*", weight_bits=7),
-         17),
+    int8 = qsurgery.QuantConfig.int8()
+    plans = [  # (name, config, opset, uint8_weights)
+        ("int8 (W8 per-channel / A8 min-max)", int8, 17, False),
+        ("int8, weights stored uint8 + 128", int8, 17, True),
+        ("int8 u8-stored, conv_stem + blocks.0.0.conv_dw float",
+         int8.override("conv_stem", dtype="float").override("blocks.0.0.conv_dw", dtype="float"), 17, True),
+        ("int8 u8-stored, blocks.0.0.conv_dw int16", int8.override("blocks.0.0.conv_dw", bits=16), 21, True),
+        ("int8, 7-bit weights (ORT x86 reduce_range)", int8.override("*", weight_bits=7), 17, False),
     ]
-    print(f"\n| {'QDQ model':<44} | opset | MB   | nodes (sim) | Q/DQ | int W | exact: steps / agree | "
-          "ORT int kernels: steps / agree | top-1 sim / exact / ORT |")
-    print(f"|{'-' * 46}|------:|-----:|------------:|-----:|------:|---------------------:|"
-          "-------------------------------:|------------------------:|")
-    for i, (name, cfg, opset) in enumerate(plans):
+    print("\nexact = onnxruntime with optimizations off (the file's Q/DQ arithmetic in float32) vs the float "
+          "simulation;\nORT = onnxruntime's default session (its fused integer kernels) vs the integer-exact "
+          "simulation (qsurgery.integer_model);\nsteps = max |difference| in output quantization steps, agree = "
+          "top-1 agreement")
+    print(f"\n| {'QDQ model':<52} | opset | MB   | nodes (sim) | Q/DQ | int W | int units | exact: steps / agree | "
+          "ORT: steps / agree | int sim vs sim | top-1 sim / int sim / exact / ORT |")
+    print(f"|{'-' * 54}|------:|-----:|------------:|-----:|------:|----------:|---------------------:|"
+          "-------------------:|---------------:|----------------------------------:|")
+    for i, (name, cfg, opset, u8) in enumerate(plans):
         sim, plan = qsurgery.quantize(graph, calib, cfg, progress=False)
+        twin = qsurgery.integer_model(sim)
         with torch.no_grad():
             s_out = torch.cat([sim(xe[j:j + bs]) for j in range(0, len(xe), bs)]).numpy()
+            i_out = torch.cat([twin(xe[j:j + bs]) for j in range(0, len(xe), bs)]).numpy()
         path = out / f"lite0_qdq_{i}.onnx"
-        rep = export_onnx(sim, path, xc[:1], opset=opset, verify=False,
+        rep = export_onnx(sim, path, xc[:1], opset=opset, verify=False, uint8_weights=u8,
                           calib_ranges_json=out / f"lite0_qdq_{i}_ranges.json")
         step = plan.layers[-1].scale
         exact = run_onnx(path, xe, bs, optimize=False)
         fast = run_onnx(path, xe, bs, optimize=True)
 
-        c_exact, c_fast = compare(exact, s_out, step), compare(fast, s_out, step)
-        print(f"| {name:<44} | {opset:5d} | {rep.size_bytes / 1e6:4.2f} | {rep.nodes_before:4d} -> "
-              f"{rep.nodes_after:4d} | {rep.qdq_pairs:4d} | {rep.int_weights:5d} | {c_exact:>20} | {c_fast:>30} | "
-              f"{top1(s_out, ye):.2f} / {top1(exact, ye):.2f} / {top1(fast, ye):.2f} |", flush=True)
+        c_exact, c_fast, c_twin = compare(exact, s_out, step), compare(fast, i_out, step), compare(i_out, s_out, step)
+        print(f"| {name:<52} | {opset:5d} | {rep.size_bytes / 1e6:4.2f} | {rep.nodes_before:4d} -> "
+              f"{rep.nodes_after:4d} | {rep.qdq_pairs:4d} | {rep.int_weights:5d} | {len(twin.integer_units):9d} | "
+              f"{c_exact:>20} | {c_fast:>18} | {c_twin.split('/')[1].strip():>14} | "
+              f"{top1(s_out, ye):.2f} / {top1(i_out, ye):.2f} / {top1(exact, ye):.2f} / {top1(fast, ye):.2f} |",
+              flush=True)
+        if set(twin.float_units) - {"classifier"}:
+            # float layers compute in float32 on both sides, in different orders: their own noise floor
+            with torch.no_grad():
+                one = torch.cat([twin(xe[j:j + 1]) for j in range(len(xe))]).numpy()
+            print(f"  float units of the integer simulation: {twin.float_units}\n"
+                  f"  its float32 noise floor (batch size 1 vs {bs}): {compare(one, i_out, step)}")
         if i == 0:
             with torch.no_grad():
                 one = torch.cat([sim(xe[j:j + 1]) for j in range(len(xe))]).numpy()

@@ -13,12 +13,22 @@ from .detection import CocoImages, coco_map
 from .errors import CalibrationError, CaptureError, ConfigError, DataError, ModelLoadError, QSurgeryError
 from .evaluate import agreement, predict, top1
 from .export import ExportReport, export_onnx
-from .quant import LayerQuant, QuantConfig, QuantPlan, SimulatedModel, TensorFormat, quantize
+from .quant import (
+    IntegerModel,
+    LayerQuant,
+    QuantConfig,
+    QuantPlan,
+    SimulatedModel,
+    TensorFormat,
+    integer_model,
+    quantize,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "capture", "quantize", "QuantConfig", "TensorFormat", "QuantPlan", "LayerQuant", "SimulatedModel",
+    "integer_model", "IntegerModel",
     "predict", "top1", "agreement", "export_onnx", "ExportReport", "coco_map", "CocoImages",
     "QSurgeryError", "CaptureError", "ConfigError", "CalibrationError", "DataError", "ModelLoadError",
     "__version__",

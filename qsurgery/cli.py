@@ -118,7 +118,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not args.float_only:
         sim, plan = quantize(graph, loader(calib_set, args.batch_size), config, progress=not args.quiet)
         report = export_onnx(sim, args.out / f"{stem}_int8_qdq.onnx", example, opset=args.opset,
-                             verify_inputs=verify, calib_ranges_json=args.out / f"{stem}_ranges.json")
+                             verify_inputs=verify, calib_ranges_json=args.out / f"{stem}_ranges.json",
+                             uint8_weights=args.uint8_weights)
         plan.to_json(args.out / f"{stem}_plan.json")
         print(report.summary())
         print(f"ranges {report.ranges_path}; plan {args.out / f'{stem}_plan.json'}")
@@ -228,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", type=Path, required=True, help="output folder")
     e.add_argument("--opset", type=int, default=17)
     e.add_argument("--float-only", action="store_true", help="only the float ONNX")
+    e.add_argument("--uint8-weights", action="store_true",
+                   help="store int8 weights as uint8 + zero point 128 (same values): exact integer kernels in "
+                        "onnxruntime on x86 CPUs without VNNI; not for compilers that want zero-point-0 weights")
     e.set_defaults(func=_cmd_export)
     return parser
 

@@ -1,0 +1,132 @@
+"""The integer-exact simulation: what onnxruntime's integer kernels compute, bit for bit."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import qsurgery
+from qsurgery.export import export_onnx
+from qsurgery.quant.integer import integer_model
+
+
+class Block(nn.Module):
+    """conv+ReLU6 -> depthwise+ReLU -> pointwise, residual add, global pool, linear: every integer kernel."""
+
+    def __init__(self, act: type[nn.Module] = nn.ReLU6, classifier: bool = True):
+        super().__init__()
+        self.classifier = classifier
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), act())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.pw(self.dw(x))
+        x = torch.flatten(self.pool(x), 1)
+        return self.fc(x) if self.classifier else x
+
+
+def _simulated(act=nn.ReLU6, config=None, classifier=True):
+    torch.manual_seed(0)
+    model = Block(act, classifier).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    graph = qsurgery.capture(model, torch.randn(1, 3, 32, 32))
+    calib = [torch.randn(16, 3, 32, 32) for _ in range(2)]
+    sim, plan = qsurgery.quantize(graph, calib, config, progress=False)
+    return sim, plan
+
+
+def test_integer_units_and_closeness_to_the_float_simulation():
+    sim, plan = _simulated()
+    twin = integer_model(sim)
+    assert set(twin.integer_units) == {"stem.0", "dw.0", "pw.0", "add", "pool"}
+    assert set(twin.float_units) == {"fc"}
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        a, b = sim(x), twin(x)
+    step = plan["fc"].scale
+    # both round the same exact values; they part only on the rare value near a rounding midpoint
+    assert float((a - b).abs().max()) <= 8 * step
+    assert float((a - b).abs().mean()) < 0.05 * step
+    assert int((a.argmax(1) == b.argmax(1)).sum()) >= 31
+    # the simulation is not changed
+    with torch.no_grad():
+        assert torch.equal(sim(x), a)
+
+
+def test_integer_outputs_lie_on_the_quantization_grid():
+    sim, plan = _simulated()
+    twin = integer_model(sim)
+    seen = {}
+    gm = twin.graph_module
+    hooks = [gm.get_submodule(f"qsurgery_int_{i}").register_forward_hook(
+        lambda m, i, o, k=name: seen.__setitem__(k, o)) for i, name in enumerate(twin.integer_units)]
+    with torch.no_grad():
+        twin(torch.randn(4, 3, 32, 32))
+    for h in hooks:
+        h.remove()
+    for name, value in seen.items():
+        s, z = plan[name].scale, plan[name].zero_point
+        q = value.double() / s + z
+        assert torch.allclose(q, q.round(), atol=1e-4), name
+        assert q.round().min() >= 0 and q.round().max() <= 255, name
+
+
+def test_onnxruntime_integer_kernels_match_the_integer_simulation_exactly(tmp_path):
+    sim, plan = _simulated(classifier=False)  # every unit integer: nothing left to float32 summation order
+    x = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    report = export_onnx(sim, tmp_path / "u8.onnx", x[0], verify_inputs=x[1:], uint8_weights=True)
+    assert report.integer_units == 5 and not report.float_units
+    assert report.runtime_max_abs_error == 0.0
+    # the file itself: uint8 weights with zero point 128, the same values as the int8 ones
+    import onnx
+
+    model = onnx.load(str(report.path))
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+               and inits[n.input[0]].ndim > 1]
+    assert weights and all(inits[n.input[0]].dtype == np.uint8 and (inits[n.input[2]] == 128).all()
+                           for n in weights)
+    # onnxruntime really ran integer kernels (not float convs on dequantized values)
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(report.path), opts, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool"} <= ops
+
+
+def test_a_float_classifier_differs_from_onnxruntime_by_rounding_ties_at_most(tmp_path):
+    sim, _ = _simulated()
+    x = [torch.randn(8, 3, 32, 32) for _ in range(3)]
+    u8 = export_onnx(sim, tmp_path / "u8.onnx", x[0], verify_inputs=x[1:], uint8_weights=True)
+    assert u8.runtime_max_error_steps <= 1.0 and u8.runtime_top1_agreement == 1.0
+    assert u8.float_units == {"fc": "linear runs on dequantized floats in onnxruntime"}
+    assert "integer-exact simulation (5 integer units)" in u8.summary()
+
+
+def test_activations_onnxruntime_cannot_fuse_keep_the_float_path():
+    sim, _ = _simulated(act=nn.SiLU)
+    twin = integer_model(sim)
+    assert "stem.0" in twin.float_units and "float" in twin.float_units["stem.0"]
+    assert {"dw.0", "pw.0", "add", "pool"} <= set(twin.integer_units)
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(twin(x)).all()
+
+
+def test_wide_layers_stay_float_and_bad_input_is_refused():
+    sim, _ = _simulated(config=qsurgery.QuantConfig.int8().override("pw.0", bits=16))
+    twin = integer_model(sim)
+    assert "pw.0" in twin.float_units and "16-bit" in twin.float_units["pw.0"]
+    with pytest.raises(TypeError, match="SimulatedModel"):
+        integer_model(nn.Linear(2, 2))
