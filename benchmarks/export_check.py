@@ -109,12 +109,8 @@ def main() -> None:
               f"{c_exact:>20} | {c_fast:>18} | {c_twin.split('/')[1].strip():>14} | "
               f"{top1(s_out, ye):.2f} / {top1(i_out, ye):.2f} / {top1(exact, ye):.2f} / {top1(fast, ye):.2f} |",
               flush=True)
-        if set(twin.float_units) - {"classifier"}:
-            # float layers compute in float32 on both sides, in different orders: their own noise floor
-            with torch.no_grad():
-                one = torch.cat([twin(xe[j:j + 1]) for j in range(len(xe))]).numpy()
-            print(f"  float units of the integer simulation: {twin.float_units}\n"
-                  f"  its float32 noise floor (batch size 1 vs {bs}): {compare(one, i_out, step)}")
+        if set(twin.float_units) - {"classifier"}:  # float32 on both sides, in different kernels
+            print(f"  float units of the integer simulation: {twin.float_units}")
         if i == 0:
             with torch.no_grad():
                 one = torch.cat([sim(xe[j:j + 1]) for j in range(len(xe))]).numpy()

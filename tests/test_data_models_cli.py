@@ -120,12 +120,19 @@ def test_cli_reports_errors_without_traceback(capsys):
 
 def test_cli_export_writes_verified_float_and_qdq(capsys, tmp_path):
     code = main(["export", "--model", "resnet18", "--input-size", "32", "--calib", "2", "--eval", "2",
-                 "--batch-size", "2", "--quiet", "--out", str(tmp_path)])
+                 "--batch-size", "2", "--quiet", "--out", str(tmp_path), "--uint8-weights"])
     out = capsys.readouterr().out
     assert code == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["resnet18_float.onnx", "resnet18_int8_qdq.onnx", "resnet18_plan.json", "resnet18_ranges.json"]
     assert "QDQ ONNX" in out and "float ONNX" in out and "exact Q/DQ arithmetic" in out
+    # resnet18's convs and residual adds run as onnxruntime's integer kernels, equal to the integer twin
+    assert "vs the integer-exact simulation (29 integer units)" in out
+    import onnx
+
+    model = onnx.load(str(tmp_path / "resnet18_int8_qdq.onnx"))
+    weights = [i for i in model.graph.initializer if len(i.dims) == 4]
+    assert weights and all(i.data_type == onnx.TensorProto.UINT8 for i in weights)
 
 
 def test_create_model_from_a_factory_path_and_a_checkpoint(tmp_path):
