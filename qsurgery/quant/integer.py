@@ -269,7 +269,7 @@ def integer_model(sim: SimulatedModel) -> IntegerModel:
             else:
                 new, inputs = _IntegerGlobalAvgPool(x, out), (anchor.args[0],)
         elif why is None:
-            why = f"{layer.kind} runs on dequantized floats in onnxruntime"
+            why = f"no integer emulation of {layer.kind}: runs as the float simulation"
         if new is None:
             floating[layer.name] = why
             continue
