@@ -71,15 +71,16 @@ class _IntegerConv(_Requantize):
         self.conv = conv
         self.x, self.y = x_grid, y_grid
         self.out_grid = y_grid
-        w_scale = w_scale.reshape(-1).to(_F32)
+        device = w_int.device
+        w_scale = w_scale.reshape(-1).to(device=device, dtype=_F32)
         if w_scale.numel() == 1:
             w_scale = w_scale.expand(w_int.shape[0])
         shape = [1, -1] + [1] * (w_int.dim() - 2)
         self.register_buffer("weight", w_int.to(_F64))
-        bias_scale = x_grid.scale * w_scale  # float32, as onnxruntime quantizes a float bias
+        bias_scale = x_grid.scale.to(device) * w_scale  # float32, as onnxruntime quantizes a float bias
         bias = conv.bias.detach().to(_F32) if conv.bias is not None else torch.zeros_like(w_scale)
         self.register_buffer("bias", torch.round(bias / bias_scale).to(_F64).reshape(shape))
-        self.register_buffer("multiplier", (bias_scale / y_grid.scale).reshape(shape))
+        self.register_buffer("multiplier", (bias_scale / y_grid.scale.to(device)).reshape(shape))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
