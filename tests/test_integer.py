@@ -1,5 +1,7 @@
 """The integer-exact simulation: what onnxruntime's integer kernels compute, bit for bit."""
 
+import platform
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -82,6 +84,8 @@ def test_integer_outputs_lie_on_the_quantization_grid():
         assert q.round().min() >= 0 and q.round().max() <= 255, name
 
 
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the twin follows onnxruntime's x86 kernels (ARM requantizes pooling in fixed point)")
 def test_onnxruntime_integer_kernels_match_the_integer_simulation_exactly(tmp_path):
     sim, plan = _simulated(classifier=False)  # every unit integer: nothing left to float32 summation order
     x = [torch.randn(8, 3, 32, 32) for _ in range(3)]
