@@ -134,3 +134,63 @@ def test_wide_layers_stay_float_and_bad_input_is_refused():
     assert "pw.0" in twin.float_units and "16-bit" in twin.float_units["pw.0"]
     with pytest.raises(TypeError, match="SimulatedModel"):
         integer_model(nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the twin follows onnxruntime's x86 QLinearAdd kernel")
+@pytest.mark.parametrize("sa, sb, sc, za, zb, zc", [
+    # scales and zero points where rounding zc - (ra*za + rb*zb) once or twice changes some outputs
+    (0.07733961939811707, 0.04985100030899048, 0.028835292905569077, 117, 231, 97),
+    (0.09699961543083191, 0.051227159798145294, 0.0853724256157875, 147, 14, 142),
+    (0.05870269611477852, 0.029184820130467415, 0.08007223159074783, 122, 232, 71),
+])
+def test_integer_add_equals_onnxruntime_on_every_input_pair(sa, sb, sc, za, zb, zc):
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qsurgery.quant import ActQuantizer, TensorFormat
+    from qsurgery.quant.integer import _Grid, _IntegerAdd
+
+    def grid(s, z):
+        q = ActQuantizer("t", TensorFormat("int", 8))
+        q.scale.fill_(s)
+        q.zero_point.fill_(z)
+        q.mode = "quant"
+        return _Grid(q)
+
+    a = np.repeat(np.arange(256, dtype=np.uint8), 256).reshape(1, 1, 256, 256)
+    b = np.tile(np.arange(256, dtype=np.uint8), 256).reshape(1, 1, 256, 256)
+    consts = [numpy_helper.from_array(np.asarray(v, dtype=t), n) for n, v, t in
+              [("sa", sa, np.float32), ("za", za, np.uint8), ("sb", sb, np.float32), ("zb", zb, np.uint8),
+               ("sc", sc, np.float32), ("zc", zc, np.uint8)]]
+    nodes = [helper.make_node("DequantizeLinear", ["a", "sa", "za"], ["af"]),
+             helper.make_node("DequantizeLinear", ["b", "sb", "zb"], ["bf"]),
+             helper.make_node("Add", ["af", "bf"], ["cf"]),
+             helper.make_node("QuantizeLinear", ["cf", "sc", "zc"], ["y"])]
+    graph = helper.make_graph(nodes, "add", [helper.make_tensor_value_info(n, TensorProto.UINT8, a.shape)
+                                             for n in ("a", "b")],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], consts)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"a": a, "b": b})[0]
+    ga, gb, gc = grid(sa, za), grid(sb, zb), grid(sc, zc)
+    got = _IntegerAdd(ga, gb, gc)(ga.values(torch.tensor(a, dtype=torch.float64) - za),
+                                  gb.values(torch.tensor(b, dtype=torch.float64) - zb))
+    q = (got.double() / gc.scale.double()).round() + zc
+    assert int((q.numpy() != expected).sum()) == 0
+
+
+def test_a_dead_channel_with_a_bias_keeps_its_bias_inside_int32(tmp_path):
+    torch.manual_seed(0)
+    model = Block(classifier=False).eval()
+    with torch.no_grad():  # channel 3: weights ~0 after training, bias not (BN folded into it)
+        model.stem[0].weight[3].mul_(1e-7)
+        model.stem[1].bias[3] = -4.0
+    graph = qsurgery.capture(model, torch.randn(1, 3, 32, 32))
+    sim, plan = qsurgery.quantize(graph, [torch.randn(16, 3, 32, 32) for _ in range(2)], progress=False)
+    assert any("bias fits int32" in n for n in plan["stem.0"].notes)
+    bias = sim.graph_module.get_submodule("stem.0").bias.detach()
+    assert float((bias / (plan["input"].scale * plan["stem.0"].weight_scale)).abs().max()) <= 2 ** 30 + 64
+    x = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    report = export_onnx(sim, tmp_path / "dead.onnx", x[0], verify_inputs=x[1:], uint8_weights=True)
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert report.runtime_max_abs_error == 0.0  # no int32 overflow in onnxruntime's QLinearConv

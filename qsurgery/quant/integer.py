@@ -90,7 +90,7 @@ class _IntegerConv(_Requantize):
 
 
 class _IntegerAdd(_Requantize):
-    """QLinearAdd as onnxruntime's x86 kernel computes it: fma(a, sa/sc, fma(b, sb/sc, zc - (sa/sc*za + sb/sc*zb)))
+    """QLinearAdd as onnxruntime's x86 kernel computes it: fma(a, sa/sc, fma(b, sb/sc, zc - fma(sa/sc, za, sb/sc*zb)))
     on the stored integers (zero points included), then round half to even."""
 
     def __init__(self, a: _Grid, b: _Grid, c: _Grid):
@@ -99,7 +99,9 @@ class _IntegerAdd(_Requantize):
         self.out_grid = c
         self.ra = a.scale / c.scale
         self.rb = b.scale / c.scale
-        self.fixed = _f32(c.zero_point) - (self.ra * a.zero_point + self.rb * b.zero_point)
+        # zc - (ra*za + rb*zb), compiled with the first product fused into the add (one rounding)
+        rb_zb = self.rb * b.zero_point
+        self.fixed = _f32(c.zero_point) - (self.ra.double() * a.zero_point + rb_zb.double()).to(_F32)
 
     def forward(self, xa: torch.Tensor, xb: torch.Tensor) -> torch.Tensor:
         qa = self.a.integers(xa) + self.a.zero_point

@@ -364,6 +364,8 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
             if w_fmt.is_int:
                 axis = _weight_axis(module)
                 scale, zp = weight_qparams(w, w_fmt, axis)
+                if w_fmt.symmetric:
+                    scale = _fit_bias_in_int32(scale, module, _input_quantizer(gm, u), layer)
                 layer.weight_scale = scale.detach().cpu()
                 wq = fake_quant(w, scale.to(w.device), zp.to(w.device), w_fmt, axis if w_fmt.per_channel else None)
             else:
@@ -376,6 +378,42 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
 
     result = QuantPlan(layers, config.describe())
     return SimulatedModel(gm, result, paths, float_w, quant_w), result
+
+
+# A device adds the bias as int32 with scale (input scale x weight scale). A channel whose weights are ~0
+# (dead after training) but whose bias is not gets a tiny weight scale, and its bias no longer fits: runtimes
+# then overflow (onnxruntime wraps it around). Half the int32 range is left for the bias, half for the sum.
+_BIAS_LIMIT = 2.0 ** 30
+
+
+def _input_quantizer(gm: fx.GraphModule, unit: QuantUnit) -> ActQuantizer | None:
+    """The integer quantizer whose values a weighted unit reads (through value-preserving ops), if any."""
+    node = next(n for n in gm.graph.nodes if n.name == unit.anchor)
+    node = node.args[0] if node.args else None
+    while isinstance(node, fx.Node):
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ActQuantizer):
+            q = gm.get_submodule(node.target)
+            return q if q.fmt.is_int else None
+        if not is_passthrough(gm, node) or not node.args:
+            return None
+        node = node.args[0]
+    return None
+
+
+def _fit_bias_in_int32(scale: torch.Tensor, module: nn.Module, x_quant: ActQuantizer | None,
+                       layer: LayerQuant) -> torch.Tensor:
+    """Raise per-channel weight scales where the bias would not fit int32 at scale ``sx * sw``."""
+    bias = getattr(module, "bias", None)
+    if bias is None or x_quant is None:
+        return scale
+    need = bias.detach().abs().double().cpu() / (float(x_quant.scale) * _BIAS_LIMIT)
+    need = need.max().reshape(scale.shape) if scale.numel() == 1 else need.reshape(scale.shape)
+    raised = need > scale.double()
+    if not bool(raised.any()):
+        return scale
+    layer.notes.append(f"weight scale raised on {int(raised.sum())} channel(s) so that the bias fits int32 "
+                       "(their weights are ~0)")
+    return torch.where(raised, need.to(scale.dtype), scale)
 
 
 def _progress(first: tuple | None, rest: Iterator, enabled: bool, desc: str) -> Iterator:
