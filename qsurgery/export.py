@@ -26,6 +26,7 @@ from torch import nn
 from .errors import QSurgeryError
 from .graph import set_module
 from .quant.config import TensorFormat
+from .quant.observers import weight_integers
 from .quant.simulate import ActQuantizer, SimulatedModel
 
 __all__ = ["export_onnx", "ExportReport", "ExportError"]
@@ -122,16 +123,8 @@ class _ExportWeighted(nn.Module):
                  uint8_weights: bool = False):
         super().__init__()
         self.inner = module
-        qmin, qmax = fmt.qrange
-        w = module.weight.detach()
-        if fmt.per_channel:
-            shape = [1] * w.dim()
-            shape[axis] = -1
-            s = scale.reshape(shape).to(w)
-        else:
-            s = scale.to(w)
         dtype = _onnx_int_dtype(fmt)
-        q = torch.clamp(torch.round(w / s), qmin, qmax)
+        q = weight_integers(module.weight.detach(), scale if fmt.per_channel else scale.reshape(()), fmt, axis)
         offset = 0
         if uint8_weights and dtype == torch.int8:  # same values, stored as uint8 with zero point 128
             dtype, offset = torch.uint8, 128

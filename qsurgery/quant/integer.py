@@ -22,8 +22,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph import is_passthrough
-from .simulate import ActQuantizer, SimulatedModel
+from .observers import weight_integers
+from .simulate import ActQuantizer, SimulatedModel, value_source
 
 __all__ = ["IntegerModel", "integer_model"]
 
@@ -164,15 +164,14 @@ def _quantizer(gm: fx.GraphModule, node: fx.Node) -> ActQuantizer | None:
 
 def _grid_of(gm: fx.GraphModule, node: Any) -> _Grid | None:
     """The grid of the integer quantizer whose values reach ``node`` through value-preserving ops, if any."""
-    while isinstance(node, fx.Node):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), _Requantize):
-            return gm.get_submodule(node.target).out_grid  # a unit already made integer
-        q = _quantizer(gm, node)
-        if q is not None:
-            return _Grid(q) if q.mode == "quant" and q.fmt.is_int and q.fmt.bits <= 8 else None
-        if not is_passthrough(gm, node) or not node.args:
-            return None
-        node = node.args[0]
+    src = value_source(gm, node)
+    if src is None or src.op != "call_module":
+        return None
+    m = gm.get_submodule(src.target)
+    if isinstance(m, _Requantize):
+        return m.out_grid  # a unit already made integer
+    if isinstance(m, ActQuantizer) and m.mode == "quant" and m.fmt.is_int and m.fmt.bits <= 8:
+        return _Grid(m)
     return None
 
 
@@ -208,15 +207,6 @@ def _absorbed_ok(gm: fx.GraphModule, nodes: list[fx.Node], out: _Grid) -> str | 
     return None
 
 
-def _weight_integers(sim: SimulatedModel, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    layer = sim.plan[name]
-    w = sim._float_weights[name]
-    scale = layer.weight_scale.to(_F32)
-    s = scale.reshape([-1] + [1] * (w.dim() - 1)) if scale.numel() > 1 else scale.reshape(())
-    qmin, qmax = layer.weight.qrange
-    return torch.clamp(torch.round(w / s.to(w)), qmin, qmax), scale
-
-
 def integer_model(sim: SimulatedModel) -> IntegerModel:
     """An integer-exact copy of ``sim`` (``sim`` itself is not changed)."""
     import copy
@@ -225,11 +215,12 @@ def integer_model(sim: SimulatedModel) -> IntegerModel:
         raise TypeError(f"integer_model() takes the SimulatedModel from qsurgery.quantize(), got {type(sim).__name__}")
     gm = copy.deepcopy(sim.graph_module)
     nodes = {n.name: n for n in gm.graph.nodes}
+    by_target = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
     integer: list[str] = []
     floating: dict[str, str] = {}
     replaced: set[str] = set()
     for layer in sim.plan:
-        qnode = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == sim._quantizers[layer.name])
+        qnode = by_target[sim._quantizers[layer.name]]
         q = gm.get_submodule(qnode.target)
         if layer.kind == "input":
             continue
@@ -257,7 +248,8 @@ def integer_model(sim: SimulatedModel) -> IntegerModel:
             elif x is None:
                 why = "its input is not an integer tensor"
             else:
-                w_int, w_scale = _weight_integers(sim, layer.name, module)
+                w_scale = layer.weight_scale.to(_F32)
+                w_int = weight_integers(sim._float_weights[layer.name], w_scale, w_fmt)
                 new, inputs = _IntegerConv(module, w_int, w_scale, x, out), (anchor.args[0],)
         elif why is None and _is_add(anchor):
             a, b = (_grid_of(gm, arg) for arg in anchor.args[:2])

@@ -12,7 +12,7 @@ import torch
 
 from .config import TensorFormat
 
-__all__ = ["RangeStats", "qparams", "fake_quant", "weight_qparams", "choose_range"]
+__all__ = ["RangeStats", "qparams", "fake_quant", "weight_qparams", "weight_integers", "choose_range"]
 
 # uint8 quantize/dequantize is one fused pass and ~3x faster than fake_quantize on CPU; the same
 # numbers (checked in tests). Its quint8 creation function warns about deprecation: silenced at the call.
@@ -128,6 +128,19 @@ def weight_qparams(w: torch.Tensor, fmt: TensorFormat, axis: int = 0) -> tuple[t
     if not fmt.per_channel:
         return scale.reshape(()), zp.reshape(())
     return scale, zp
+
+
+def weight_integers(w: torch.Tensor, scale: torch.Tensor, fmt: TensorFormat, axis: int = 0) -> torch.Tensor:
+    """The symmetric integers (as floats) that stand for ``w`` at ``scale`` (per channel along ``axis`` when
+    ``scale`` has one value per channel): what the exported file stores and an integer runtime multiplies."""
+    if scale.numel() > 1:
+        shape = [1] * w.dim()
+        shape[axis] = -1
+        s = scale.reshape(shape)
+    else:
+        s = scale.reshape(())
+    qmin, qmax = fmt.qrange
+    return torch.clamp(torch.round(w / s.to(w)), qmin, qmax)
 
 
 # ---------------------------------------------------------------------- histogram-based range choice

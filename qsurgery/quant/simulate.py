@@ -339,6 +339,7 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
             raise CalibrationError(f"no calibration data and the plan has no ranges for {missing[:6]}: give calib_data")
 
     layers: list[LayerQuant] = []
+    nodes = {n.name: n for n in gm.graph.nodes}
     float_w: dict[str, torch.Tensor] = {}
     quant_w: dict[str, torch.Tensor] = {}
     for u in units:
@@ -365,7 +366,7 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
                 axis = _weight_axis(module)
                 scale, zp = weight_qparams(w, w_fmt, axis)
                 if w_fmt.symmetric:
-                    scale = _fit_bias_in_int32(scale, module, _input_quantizer(gm, u), layer)
+                    scale = _fit_bias_in_int32(scale, module, _input_quantizer(gm, nodes[u.anchor]), layer)
                 layer.weight_scale = scale.detach().cpu()
                 wq = fake_quant(w, scale.to(w.device), zp.to(w.device), w_fmt, axis if w_fmt.per_channel else None)
             else:
@@ -386,18 +387,18 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
 _BIAS_LIMIT = 2.0 ** 30
 
 
-def _input_quantizer(gm: fx.GraphModule, unit: QuantUnit) -> ActQuantizer | None:
-    """The integer quantizer whose values a weighted unit reads (through value-preserving ops), if any."""
-    node = next(n for n in gm.graph.nodes if n.name == unit.anchor)
-    node = node.args[0] if node.args else None
-    while isinstance(node, fx.Node):
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), ActQuantizer):
-            q = gm.get_submodule(node.target)
-            return q if q.fmt.is_int else None
-        if not is_passthrough(gm, node) or not node.args:
-            return None
+def value_source(gm: fx.GraphModule, node: Any) -> fx.Node | None:
+    """The node whose values reach ``node`` unchanged, looking back through value-preserving ops."""
+    while isinstance(node, fx.Node) and is_passthrough(gm, node) and node.args:
         node = node.args[0]
-    return None
+    return node if isinstance(node, fx.Node) else None
+
+
+def _input_quantizer(gm: fx.GraphModule, anchor: fx.Node) -> ActQuantizer | None:
+    """The integer quantizer whose values a weighted unit (its anchor node) reads, if any."""
+    src = value_source(gm, anchor.args[0] if anchor.args else None)
+    q = gm.get_submodule(src.target) if src is not None and src.op == "call_module" else None
+    return q if isinstance(q, ActQuantizer) and q.fmt.is_int else None
 
 
 def _fit_bias_in_int32(scale: torch.Tensor, module: nn.Module, x_quant: ActQuantizer | None,
