@@ -41,15 +41,25 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--groups", nargs="+", default=["yolo", "yolo-xywh", "auto"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--folds", type=int, choices=(1, 2), default=2,
+                    help="2: also calibrate on the second half and evaluate on the first (a cross-check of the noise)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     data = CocoImages(Path(args.data) / "train2017", Path(args.data) / "annotations" / "instances_train2017.json")
-    calib_set = data.subset(range(args.n_calib))
-    held_out = data.subset(range(args.n_calib, len(data)))
-    print(f"{len(data)} images: calibrate on {len(calib_set)}, evaluate on the other {len(held_out)} and on all")
+    first, second = list(range(args.n_calib)), list(range(args.n_calib, len(data)))
     summary = []
+    for fold, (calib_ids, held_ids) in enumerate([(first, second), (second, first)][:args.folds], 1):
+        calib_set, held_out = data.subset(calib_ids), data.subset(held_ids)
+        print(f"\n# fold {fold}: {len(data)} images: calibrate on images {calib_ids[0]}..{calib_ids[-1]}, "
+              f"evaluate on the other {len(held_out)} and on all")
+        run_fold(args, data, calib_set, held_out, f"{fold}", summary)
+    report(args, summary)
+
+
+def run_fold(args, data, calib_set, held_out, fold: str, summary: list) -> None:
+    """Every detector and variant calibrated on ``calib_set``; rows appended to ``summary``."""
     for name in args.detectors:
         t0 = time.perf_counter()
         det = load_detector(name)
@@ -83,12 +93,12 @@ def main() -> None:
             res = detect(fn, data, det.decode, size=det.size, stretch=det.stretch, progress=False)
             a, b = coco_eval(res, held_out), coco_eval(res, data)
             sq = head_sqnr(fn) if label != "float" else {}
-            row = (name, label, 100 * a.map, 100 * a.map50, 100 * b.map, 100 * b.map50, sq)
+            row = (name, fold, label, 100 * a.map, 100 * a.map50, 100 * b.map, 100 * b.map50, sq)
             summary.append(row)
             sq_text = "  head SQNR box/obj/cls " + "/".join(f"{sq[k]:.1f}" for k in ("box", "obj", "cls")) + " dB" \
                 if sq else ""
-            print(f"   {label:<32} held-out mAP {row[2]:5.1f} / {row[3]:5.1f}   all-128 mAP {row[4]:5.1f} / "
-                  f"{row[5]:5.1f}{sq_text}   ({time.perf_counter() - t:.0f} s)")
+            print(f"   {label:<32} held-out mAP {row[3]:5.1f} / {row[4]:5.1f}   all-128 mAP {row[5]:5.1f} / "
+                  f"{row[6]:5.1f}{sq_text}   ({time.perf_counter() - t:.0f} s)")
             return row
 
         score(graph, "float")
@@ -114,23 +124,28 @@ def main() -> None:
                 score(sim, f"{scope} + split {groups}", r.merge_outputs)
         print(f"   {name} total {time.perf_counter() - t0:.0f} s")
 
-    print("\n| detector | variant | held-out mAP | held-out mAP@0.5 | all-128 mAP | all-128 mAP@0.5 | "
-          "head SQNR box / obj / cls (dB) |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for row in summary:
-        sq = " / ".join(f"{row[6][k]:.1f}" for k in ("box", "obj", "cls")) if row[6] else "-"
-        print(f"| {row[0]} | {row[1]} | {row[2]:.1f} | {row[3]:.1f} | {row[4]:.1f} | {row[5]:.1f} | {sq} |")
-    for name in args.detectors:
-        rows = {r[1]: r for r in summary if r[0] == name}
-        f, h = rows["float"][2], rows["head-only int8"][2]
-        for groups in args.groups:
-            s = rows[f"head-only int8 + split {groups}"][2]
-            w, ws = rows["whole int8"][2], rows[f"whole int8 + split {groups}"][2]
-            rec = (s - h) / (f - h) if f != h else float("nan")
-            print(f"{name} groups={groups}: recovers {100 * rec:.0f} % of the head-only int8 loss "
-                  f"({h:.1f} -> {s:.1f}, float {f:.1f}); whole int8 {w:.1f} -> {ws:.1f} "
-                  f"({'not worse' if ws >= w else 'WORSE'})")
 
+
+def report(args, summary: list) -> None:
+    """The table of every row, then the two goals per detector and fold."""
+    print("\n| detector | fold | variant | held-out mAP | held-out mAP@0.5 | all-128 mAP | all-128 mAP@0.5 | "
+          "head SQNR box / obj / cls (dB) |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for row in summary:
+        sq = " / ".join(f"{row[7][k]:.1f}" for k in ("box", "obj", "cls")) if row[7] else "-"
+        print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]:.1f} | {row[4]:.1f} | {row[5]:.1f} | {row[6]:.1f} | {sq} |")
+    for fold in sorted({r[1] for r in summary}):
+        for name in args.detectors:
+            rows = {r[2]: r for r in summary if r[0] == name and r[1] == fold}
+            f, h = rows["float"][3], rows["head-only int8"][3]
+            for groups in args.groups:
+                s = rows[f"head-only int8 + split {groups}"][3]
+                w, ws = rows["whole int8"][3], rows[f"whole int8 + split {groups}"][3]
+                wa, wsa = rows["whole int8"][5], rows[f"whole int8 + split {groups}"][5]
+                rec = (s - h) / (f - h) if f != h else float("nan")
+                print(f"fold {fold} {name} groups={groups}: recovers {100 * rec:.0f} % of the head-only int8 loss "
+                      f"({h:.1f} -> {s:.1f}, float {f:.1f}); whole int8 held-out {w:.1f} -> {ws:.1f} "
+                      f"({'not worse' if ws >= w else 'WORSE'}), all-128 {wa:.1f} -> {wsa:.1f}")
 
 if __name__ == "__main__":
     main()

@@ -87,6 +87,40 @@ def test_reconstruct_recovers_a_unit_whose_activation_is_inactive():
     result = dw_to_dense(graph, ["dw"], calib_data=calib)
     assert not result.exact and result.changes[0]["how"] == "reconstructed"
     assert result.float_error < 1e-3
+    assert result.changes[0]["nonlinear_share"] == 0.0 and result.changes[0]["live_channels"] == 8
+
+
+class FunctionalRelu6Unit(nn.Module):
+    """dw -> F.relu6 -> pw, with channel 0 pushed above 6 everywhere (a constant, dead channel)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(4, 5, 1)
+        with torch.no_grad():
+            self.dw.weight.mul_(8)
+            self.dw.weight[0].zero_()
+            self.dw.bias[0] = 9.0
+
+    def forward(self, x):
+        return self.pw(torch.nn.functional.relu6(self.dw(x)))
+
+
+def test_dry_run_measures_how_far_the_activation_is_from_the_identity():
+    model = FunctionalRelu6Unit().eval()
+    calib = [torch.randn(2, 4, 8, 8) for _ in range(3)]
+    graph = qsurgery.capture(model, calib[0])
+    dry = dw_to_dense(graph, calib_data=calib)
+    unit = dry.changes[0]
+    with torch.no_grad():
+        z = torch.cat([model.dw(x) for x in calib]).transpose(0, 1).reshape(4, -1)[1:]  # live channels
+    assert unit["live_channels"] == 3 and unit["channels"] == 4
+    assert unit["nonlinear_share"] == pytest.approx(float(((z < 0) | (z > 6)).float().mean()), abs=1e-6)
+    assert 0 < unit["nonlinear_share"] < 1
+    assert "nonlinear_share" not in dw_to_dense(graph).changes[0]  # no data: nothing measured
+    fitted = dw_to_dense(graph, ["dw"], calib_data=calib)
+    assert any("can only approximate" in n for n in fitted.notes)
 
 
 def test_reconstruct_beats_ignoring_the_activation():

@@ -27,7 +27,7 @@ from ..graph import BATCHNORM_MODULES, device_of, is_activation, pair
 from ..quant.simulate import iter_inputs
 from .common import PassResult, _distill_, graph_cost, refresh_shapes
 
-__all__ = ["dw_to_dense", "find_separable", "SeparableUnit"]
+__all__ = ["dw_to_dense", "find_separable", "activation_linearity", "SeparableUnit"]
 
 
 @dataclass
@@ -129,6 +129,77 @@ def find_separable(graph: fx.GraphModule) -> list[SeparableUnit]:
             if unit is not None:
                 units.append(unit)
     return units
+
+
+def _identity_range(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
+    """Where a piecewise-linear activation is the identity ([lo, hi]); None for curved ones (SiLU, GELU, ...)."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if isinstance(m, nn.Hardtanh):  # ReLU6 included
+            return float(m.min_val), float(m.max_val)
+        return (0.0, math.inf) if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.PReLU)) else None
+    target = node.target
+    if target in (F.relu, torch.relu, F.leaky_relu, "relu", "relu_"):
+        return 0.0, math.inf
+    if target is F.relu6:
+        return 0.0, 6.0
+    if target is F.hardtanh:
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return float(lo), float(hi)
+    return None
+
+
+class _PreActivations(fx.Interpreter):
+    """Runs the graph and counts, per channel of each watched activation's input, positions below, inside and
+    above the range where the activation is the identity."""
+
+    def __init__(self, gm: fx.GraphModule, watch: dict[str, tuple[float, float]]):
+        super().__init__(gm)
+        self.watch = watch
+        self.counts: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        if n.name in self.watch:
+            z = n.args[0] if isinstance(n.args[0], fx.Node) else None
+            z = self.env[z] if z is not None else None
+            if isinstance(z, torch.Tensor) and z.dim() >= 2:
+                lo, hi = self.watch[n.name]
+                z = z.detach().transpose(0, 1).reshape(z.shape[1], -1)
+                c = torch.stack([(z < lo).sum(1), ((z >= lo) & (z <= hi)).sum(1), (z > hi).sum(1)], 1).cpu()
+                self.counts[n.name] = self.counts[n.name] + c if n.name in self.counts else c
+        return super().run_node(n)
+
+
+def activation_linearity(graph: fx.GraphModule, units: Sequence[SeparableUnit],
+                         calib: Sequence[tuple[torch.Tensor, ...]]) -> dict[str, dict]:
+    """How far each unit's activation is from the identity on calibration data: its live channels (output not
+    constant) and the share of their positions where the activation is not the identity. 0 means a dense conv
+    reproduces the unit on this data; curved activations (SiLU, GELU) report ``nonlinear_share=None``."""
+    nodes = {n.name: n for n in graph.graph.nodes}
+    watch = {u.act: r for u in units if u.act and (r := _identity_range(graph, nodes[u.act])) is not None}
+    counts: dict[str, torch.Tensor] = {}
+    if watch and calib:
+        interp = _PreActivations(graph, watch)
+        with torch.no_grad():
+            for inputs in calib:
+                interp.run(*inputs)
+        counts = interp.counts
+    out = {}
+    for u in units:
+        if u.act is None:
+            continue
+        c = counts.get(u.act)
+        if c is None:
+            out[u.block] = {"activation": u.act, "live_channels": None, "nonlinear_share": None}
+            continue
+        total = c.sum(1)
+        live = (c[:, 0] < total) & (c[:, 2] < total)  # neither always below nor always above: not constant
+        outside = (c[live][:, 0] + c[live][:, 2]).sum()
+        share = float(outside) / max(float(total[live].sum()), 1.0)
+        out[u.block] = {"activation": u.act, "channels": int(len(c)), "live_channels": int(live.sum()),
+                        "nonlinear_share": share}
+    return out
 
 
 def _bn_affine(bn: nn.Module | None, channels: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,8 +337,14 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
     if blocks is None:
         changes = [{"candidate": u.block, "depthwise": u.dw, "pointwise": u.pw, "exact_possible": u.linear,
                     "macs": u.macs, "dense_macs": u.dense_macs} for u in candidates]
-        return PassResult(copy.deepcopy(graph), changes, True, before, before,
-                          notes=["dry run: nothing replaced; pass blocks=[...] to replace"])
+        notes = ["dry run: nothing replaced; pass blocks=[...] to replace"]
+        if calib_data is not None:
+            linearity = activation_linearity(graph, candidates, _inputs(graph, calib_data))
+            for change in changes:
+                change.update(linearity.get(change["candidate"], {}))
+            notes.append("nonlinear_share: share of the live channels' calibration positions where the activation "
+                         "between the convs is not the identity (0: a dense conv reproduces the unit)")
+        return PassResult(copy.deepcopy(graph), changes, True, before, before, notes=notes)
     by_name = {u.block: u for u in candidates} | {u.dw: u for u in candidates}
     chosen: list[SeparableUnit] = []
     for name in blocks:
@@ -284,10 +361,8 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
         if calib_data is None:
             raise CalibrationError(f"reconstructing {[u.block for u in needs_fit] or 'the fine-tune'} needs "
                                    "calib_data (input batches)")
-        n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
-        device = device_of(graph)
-        calib = list(iter_inputs(calib_data, n_inputs, expected_shapes=graph.meta.get("qsurgery_input_shapes"),
-                                 device=device))
+        calib = _inputs(graph, calib_data)
+    linearity = activation_linearity(graph, needs_fit, calib) if needs_fit else {}
     new = copy.deepcopy(graph)
     new.meta.update(copy.deepcopy(dict(graph.meta)))
     changes, notes, new_params = [], [], []
@@ -302,10 +377,17 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
             notes += fit_notes
             how = "reconstructed"
             exact = False
+            lin = linearity.get(unit.block, {})
+            if lin.get("nonlinear_share"):  # > 0: the fit cannot be exact
+                notes.append(f"{unit.block}: the activation between its convs is not the identity on "
+                             f"{100 * lin['nonlinear_share']:.1f} % of the calibration positions of its "
+                             f"{lin['live_channels']} live channels; the dense conv can only approximate that. "
+                             f"To keep the unit's function, give its depthwise conv more precision instead: "
+                             f"QuantConfig.override({unit.dw!r}, weight_bits=16) or dtype='float'")
         path = _replace(new, unit, dense)
         new_params.append(path)
         changes.append({"block": unit.block, "replaced": unit.nodes, "new": path, "how": how,
-                        "macs_before": unit.macs, "macs_after": unit.dense_macs})
+                        "macs_before": unit.macs, "macs_after": unit.dense_macs} | linearity.get(unit.block, {}))
     new.delete_all_unused_submodules()
     new.graph.lint()
     new.recompile()
@@ -318,6 +400,12 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
     if calib:
         result.float_error = _relative_error(graph, new, calib)
     return result
+
+
+def _inputs(graph: fx.GraphModule, calib_data: Iterable) -> list[tuple[torch.Tensor, ...]]:
+    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
+    return list(iter_inputs(calib_data, n_inputs, expected_shapes=graph.meta.get("qsurgery_input_shapes"),
+                            device=device_of(graph)))
 
 
 def _why_not(gm: fx.GraphModule, name: str, candidates: list[SeparableUnit]) -> str:
