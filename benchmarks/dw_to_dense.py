@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=25)
     ap.add_argument("--finetune-steps", type=int, default=0)
+    ap.add_argument("--per-tensor", action="store_true", help="per-tensor int8 weights (DPU-like devices)")
     args = ap.parse_args()
     bs = args.batch_size
     d = load_lite0(args.data, args.calib, bs)
@@ -54,7 +55,8 @@ def main() -> None:
           f"{100 * unit['nonlinear_share']:.1f} % of their calibration positions: no linear dense conv "
           f"reproduces the unit")
     print(f"# EfficientNet-Lite0 (real weights): {len(xc)} calibration images (fit + int8 calibration), "
-          f"{len(xe)} evaluation images; int8 = W8 per-channel / A8 min-max; agreement and KL against the "
+          f"{len(xe)} evaluation images; int8 = W8 {'per-tensor' if args.per_tensor else 'per-channel'} / A8 "
+          f"min-max; agreement and KL against the "
           f"original float model")
     print("| model | how | float top-1 | int8 top-1 | int8 agreement | int8 KL | float rel. error | MACs | pass s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -62,7 +64,7 @@ def main() -> None:
     kl = {}
     for name, blocks, overrides in CONFIGS:
         t = time.perf_counter()
-        config = qsurgery.QuantConfig.int8()
+        config = qsurgery.QuantConfig.int8(per_channel=not args.per_tensor)
         for layer, change in overrides.items():
             config = config.override(layer, **change)
         if blocks:

@@ -4,7 +4,9 @@ For Yolo-Fastest-1.1-XL and YOLOv5n: calibrate on the first 64 coco128 images, e
 on all 128 (COCO mAP@0.5:0.95 / mAP@0.5, our evaluator = pycocotools). Variants: float; head-only int8 (only
 the head convs int8: weights per-channel, outputs per-tensor uint8; everything else float) and whole-model
 int8 (W8 per-channel / A8 per-tensor min-max), each unsplit and split with groups="yolo", "yolo-xywh",
-"auto". Prints the per-group output ranges and the wall time of each step.
+"auto", and the yolo groupings again with ``score_floor=-8``. Prints the per-group output ranges and the wall
+time of each step. A second fold swaps the halves (calibrate on the last 64, evaluate on the first 64): how
+far 64 held-out images move the comparison.
 
     python benchmarks/head_split.py --data ../shared/data/coco128
 """
@@ -41,9 +43,15 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--groups", nargs="+", default=["yolo", "yolo-xywh", "auto"])
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--score-floor", type=float, default=-8.0,
+                    help="also run the yolo groupings with this score_floor (0: skip)")
     ap.add_argument("--folds", type=int, choices=(1, 2), default=2,
                     help="2: also calibrate on the second half and evaluate on the first (a cross-check of the noise)")
     args = ap.parse_args()
+    args.variants = {g: {"groups": g} for g in args.groups}
+    if args.score_floor:
+        args.variants.update({f"{g} floor {args.score_floor:g}": {"groups": g, "score_floor": args.score_floor}
+                              for g in args.groups if g.startswith("yolo")})
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
@@ -76,15 +84,19 @@ def run_fold(args, data, calib_set, held_out, fold: str, summary: list) -> None:
             reference = [graph(x) for x in probe]
 
         def head_sqnr(fn, probe=probe, reference=reference) -> dict[str, float]:
-            """SQNR (dB) of the raw head outputs against float, per YOLO field group, over 16 held-out images."""
+            """SQNR (dB) against float per YOLO field group over 16 held-out images: box on the raw outputs,
+            objectness and classes on their sigmoid (the scores the decoder uses)."""
             sig: dict[str, float] = {}
             err: dict[str, float] = {}
             with torch.no_grad():
                 for x, ref in zip(probe, reference):
                     for r, o in zip(ref, fn(x)):
                         for field, idx in yolo_groups(r.shape[1]).items():
-                            sig[field] = sig.get(field, 0.0) + float(r[:, idx].pow(2).sum())
-                            err[field] = err.get(field, 0.0) + float((r[:, idx] - o[:, idx]).pow(2).sum())
+                            a, b = r[:, idx], o[:, idx]
+                            if field != "box":
+                                a, b = torch.sigmoid(a), torch.sigmoid(b)
+                            sig[field] = sig.get(field, 0.0) + float(a.pow(2).sum())
+                            err[field] = err.get(field, 0.0) + float((a - b).pow(2).sum())
             return {k: 10 * torch.log10(torch.tensor(sig[k] / max(err[k], 1e-30))).item() for k in sig}
 
         def score(model, label, merge=None, det=det, name=name):
@@ -104,11 +116,11 @@ def run_fold(args, data, calib_set, held_out, fold: str, summary: list) -> None:
         score(graph, "float")
         base = qsurgery.QuantConfig.int8()
         splits = {}
-        for groups in args.groups:
+        for label, kwargs in args.variants.items():
             t = time.perf_counter()
-            splits[groups] = split_head(graph, heads, groups=groups, merge="outputs", calib_data=calib)
-            r = splits[groups]
-            print(f"   split groups={groups} ({time.perf_counter() - t:.1f} s, float error {r.float_error:.2g}):")
+            splits[label] = split_head(graph, heads, merge="outputs", calib_data=calib, **kwargs)
+            r = splits[label]
+            print(f"   split {label} ({time.perf_counter() - t:.1f} s, float error {r.float_error:.2g}):")
             for c in r.changes:
                 rngs = ", ".join(f"{k} {c['groups'][k]} ch [{lo:.1f}, {hi:.1f}]"
                                  for k, (lo, hi) in c["group_ranges"].items())
@@ -129,7 +141,7 @@ def run_fold(args, data, calib_set, held_out, fold: str, summary: list) -> None:
 def report(args, summary: list) -> None:
     """The table of every row, then the two goals per detector and fold."""
     print("\n| detector | fold | variant | held-out mAP | held-out mAP@0.5 | all-128 mAP | all-128 mAP@0.5 | "
-          "head SQNR box / obj / cls (dB) |")
+          "head SQNR box / obj score / cls score (dB) |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
     for row in summary:
         sq = " / ".join(f"{row[7][k]:.1f}" for k in ("box", "obj", "cls")) if row[7] else "-"
@@ -138,12 +150,12 @@ def report(args, summary: list) -> None:
         for name in args.detectors:
             rows = {r[2]: r for r in summary if r[0] == name and r[1] == fold}
             f, h = rows["float"][3], rows["head-only int8"][3]
-            for groups in args.groups:
+            for groups in args.variants:
                 s = rows[f"head-only int8 + split {groups}"][3]
                 w, ws = rows["whole int8"][3], rows[f"whole int8 + split {groups}"][3]
                 wa, wsa = rows["whole int8"][5], rows[f"whole int8 + split {groups}"][5]
                 rec = (s - h) / (f - h) if f != h else float("nan")
-                print(f"fold {fold} {name} groups={groups}: recovers {100 * rec:.0f} % of the head-only int8 loss "
+                print(f"fold {fold} {name} {groups}: recovers {100 * rec:.0f} % of the head-only int8 loss "
                       f"({h:.1f} -> {s:.1f}, float {f:.1f}); whole int8 held-out {w:.1f} -> {ws:.1f} "
                       f"({'not worse' if ws >= w else 'WORSE'}), all-128 {wa:.1f} -> {wsa:.1f}")
 

@@ -58,7 +58,8 @@ def _upstream_head(node: fx.Node, head_nodes: set[str]) -> bool:
 
 def yolo_head_split(model: torch.nn.Module, example: torch.Tensor, calib: Any,
                     evaluate: Callable[[Callable], float], *, groups: Any = "yolo", merge: str = "outputs",
-                    config: qsurgery.QuantConfig | None = None, out: str | Path | None = None,
+                    score_floor: float | None = None, config: qsurgery.QuantConfig | None = None,
+                    out: str | Path | None = None,
                     verify_inputs: list[torch.Tensor] | None = None, log: Callable[[str], None] = print
                     ) -> dict[str, Any]:
     """Run the recipe. ``evaluate(fn)`` scores a function batch -> model outputs (in the original output
@@ -85,7 +86,7 @@ def yolo_head_split(model: torch.nn.Module, example: torch.Tensor, calib: Any,
             split_config = split_config.override(name, dtype="float")
         split_graph, merge_fn = graph, None
     else:
-        result = split_head(graph, groups=groups, merge=merge, calib_data=calib)
+        result = split_head(graph, groups=groups, merge=merge, calib_data=calib, score_floor=score_floor)
         log(result.summary())
         split_config, split_graph, merge_fn = config, result.graph, result.merge_outputs
     sim_split, plan = qsurgery.quantize(split_graph, calib, split_config, progress=False)
@@ -146,6 +147,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for the QDQ ONNX and the plan")
     ap.add_argument("--groups", default="yolo", help="yolo | yolo-xywh | auto")
     ap.add_argument("--merge", default="outputs", choices=["outputs", "float_concat"])
+    ap.add_argument("--score-floor", type=float, default=None,
+                    help="logit where the score groups' int8 range starts (yolo groupings; e.g. -8)")
     ap.add_argument("--n-calib", type=int, default=64)
     args = ap.parse_args()
 
@@ -158,7 +161,7 @@ def main() -> None:
         return coco_map(fn, held_out, det.decode, size=det.size, stretch=det.stretch, progress=False).map
 
     res = yolo_head_split(det.model, torch.zeros(1, 3, det.size, det.size), calib, evaluate, groups=args.groups,
-                          merge=args.merge, out=args.out, verify_inputs=calib[:2])
+                          merge=args.merge, score_floor=args.score_floor, out=args.out, verify_inputs=calib[:2])
     f = res["figures"]
     print(json.dumps({k: v for k, v in f.items() if k != "heads"}, indent=1))
 

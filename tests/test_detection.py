@@ -110,6 +110,48 @@ def test_float_concat_is_not_requantized(tiny):
     assert {"head1.box", "head1.obj", "head1.cls"} <= set(plan.names())
 
 
+def test_score_floor_spends_the_int8_range_on_scores_that_matter(tiny, tmp_path):
+    """One anchor's objectness sits near 0, another's near -45 (background): with a floor at -8 the objectness
+    group's int8 steps shrink and sigmoid scores get closer to float, while the float graph and the box group
+    stay as they were."""
+    import copy
+
+    model, _, calib = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for head in (model.head1, model.head2):
+            head.bias[4], head.bias[F + 4] = -2.0, -45.0
+    graph = qsurgery.capture(model, calib[0][:1])
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    scores = [a * F + 4 for a in range(NA)]  # objectness
+    err, plans = {}, {}
+    for floor in (None, -8.0):
+        r = split_head(graph, groups="yolo", calib_data=calib, score_floor=floor)
+        assert r.exact
+        for a, b in zip(ref, r.merge_outputs(r.graph(x))):
+            torch.testing.assert_close(a, b)  # float unchanged
+        heads_only = qsurgery.QuantConfig.int8().override("*", dtype="float").override("head*", dtype="int")
+        sim, plans[floor] = qsurgery.quantize(r.graph, calib, heads_only, progress=False)
+        with torch.no_grad():
+            out = r.merge_outputs(sim(x))
+        err[floor] = max(float((torch.sigmoid(o[:, scores]) - torch.sigmoid(f[:, scores])).abs().max())
+                         for f, o in zip(ref, out))
+    obj, plain_obj = plans[-8.0]["head1.obj"], plans[None]["head1.obj"]
+    assert plain_obj.clip[0] < -40 and obj.clip[0] == -8.0 and obj.clip[1] == plain_obj.clip[1]
+    assert any("range limited" in n for n in obj.notes)
+    assert plans[-8.0]["head1.box"].clip == plans[None]["head1.box"].clip
+    assert err[-8.0] < err[None] / 2, err
+    rep = qsurgery.export_onnx(sim, tmp_path / "floor.onnx", calib[0][:2], qdq=True, verify_inputs=[calib[0][:2]],
+                               output_names=r.output_names)
+    assert rep.max_error_steps is not None and rep.max_error_steps <= 1  # the file saturates where the sim does
+    with pytest.raises(ConfigError, match="YOLO layout"):
+        split_head(graph, groups="auto", calib_data=calib, score_floor=-8)
+    with pytest.raises(ConfigError, match="below 0"):
+        split_head(graph, groups="yolo", score_floor=2)
+
+
 def test_auto_groups_separate_wide_channels(tiny):
     _, graph, calib = tiny
     r = split_head(graph, ["head1"], groups="auto", calib_data=calib)

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import CalibrationError, ConfigError
 from ..graph import device_of, is_activation, is_passthrough, set_module
-from ..quant.simulate import iter_inputs, run_hooked
+from ..quant.simulate import RANGE_LIMITS, iter_inputs, run_hooked
 from .common import PassResult, graph_cost, refresh_shapes
 
 __all__ = ["split_head", "find_heads", "channel_ranges", "ChannelMerge", "HeadGroups"]
@@ -228,14 +228,22 @@ def _raise_grouped(conv: nn.Conv2d) -> int:
 
 def split_head(graph: fx.GraphModule, convs: Sequence[str] | None = None, *, groups: GroupSpec = "auto",
                merge: Literal["outputs", "float_concat"] = "outputs", calib_data: Any = None, anchors: int = 3,
-               max_groups: int = 4, min_bits_lost: float = 0.75) -> PassResult:
+               max_groups: int = 4, min_bits_lost: float = 0.75, score_floor: float | None = None) -> PassResult:
     """Split each head conv into one conv per channel group (same weights: exact in float).
 
     ``convs=None`` finds the heads (:func:`find_heads`; with ``calib_data``, only wide-spread ones).
     ``groups``: ``"yolo"`` (box | obj | cls), ``"yolo-xywh"`` (xy | wh | obj | cls), ``"auto"`` (clustered
     from calibrated per-channel ranges) or explicit lists of channel ids. ``merge``: see the module doc.
-    The input graph is not modified.
+    ``score_floor`` (YOLO layouts): the objectness and class groups' int8 ranges start at this logit instead
+    of at their most negative value (down to -100 in darknet heads), which only sets how far below
+    ``sigmoid(floor)`` a rejected score lies; the float graph is unchanged. The input graph is not modified.
     """
+    if score_floor is not None:
+        if not (isinstance(groups, str) and groups.startswith("yolo")):
+            raise ConfigError("score_floor needs a YOLO layout (groups='yolo' or 'yolo-xywh'), which says which "
+                              "channels are score logits")
+        if not -50 <= float(score_floor) < 0:
+            raise ConfigError(f"score_floor is a logit below 0 (e.g. -8: sigmoid 3.4e-4), got {score_floor!r}")
     if merge not in ("outputs", "float_concat"):
         raise ConfigError(f"merge must be 'outputs' or 'float_concat', not {merge!r}")
     if isinstance(groups, str) and groups not in ("auto", "yolo", "yolo-xywh"):
@@ -330,6 +338,11 @@ def split_head(graph: fx.GraphModule, convs: Sequence[str] | None = None, *, gro
                                       for k, g in zip(named, parts)}
         if costs is not None:
             change["auto_bits_lost"] = [round(c, 3) for c in costs]
+        if score_floor is not None:
+            limits = dict(new.meta.get(RANGE_LIMITS, {}))
+            limits.update({f"{name}.{k}": (float(score_floor), None) for k in ("obj", "cls")})
+            new.meta[RANGE_LIMITS] = limits
+            change["score_floor"] = float(score_floor)
         if merge == "float_concat":
             holder.add_module("merge", ChannelMerge(parts))
             with new.graph.inserting_after(group_nodes[-1]):
@@ -365,6 +378,10 @@ def split_head(graph: fx.GraphModule, convs: Sequence[str] | None = None, *, gro
     new.recompile()
     refresh_shapes(new)
 
+    if score_floor is not None and changes:
+        notes.append(f"objectness and class logits below {score_floor:g} saturate in int8: a score changes by at "
+                     f"most sigmoid({score_floor:g}) = {1 / (1 + math.exp(-score_floor)):.1e}, so detections "
+                     "above that confidence are unaffected; the float graph is unchanged")
     result = PassResult(new, changes, True, before, graph_cost(new), notes=notes)
     result.output_names = output_names
     if merge == "outputs" and replaced:

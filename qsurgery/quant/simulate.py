@@ -340,6 +340,7 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
 
     layers: list[LayerQuant] = []
     nodes = {n.name: n for n in gm.graph.nodes}
+    range_limits = graph.meta.get(RANGE_LIMITS, {})
     float_w: dict[str, torch.Tensor] = {}
     quant_w: dict[str, torch.Tensor] = {}
     for u in units:
@@ -351,6 +352,8 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
             if batches is not None:
                 layer.observed = (q.stats.lo, q.stats.hi)
                 layer.clip = choose_range(q.stats, a_fmt, config.percentile)
+                if u.module in range_limits:
+                    layer.clip = _limit_range(layer.clip, range_limits[u.module], layer)
             else:
                 layer.observed, layer.clip = plan[u.name].observed, plan[u.name].clip
             scale, zp = qparams(layer.clip[0], layer.clip[1], a_fmt)
@@ -379,6 +382,24 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
 
     result = QuantPlan(layers, config.describe())
     return SimulatedModel(gm, result, paths, float_w, quant_w), result
+
+
+# graph.meta key a pass sets to bound a module output's quantization range: {module name: (lo | None, hi | None)}.
+# split_head uses it for score logits, whose values below a floor do not change any detection.
+RANGE_LIMITS = "qsurgery_range_limits"
+
+
+def _limit_range(clip: tuple[float, float], limit: tuple[float | None, float | None], layer: LayerQuant
+                 ) -> tuple[float, float]:
+    lo, hi = clip
+    if limit[0] is not None and lo < limit[0]:
+        lo = float(limit[0])
+    if limit[1] is not None and hi > limit[1]:
+        hi = float(limit[1])
+    if (lo, hi) != tuple(clip):
+        layer.notes.append(f"range limited to [{lo:.4g}, {hi:.4g}] by the graph (observed [{clip[0]:.4g}, "
+                           f"{clip[1]:.4g}]): values outside saturate")
+    return lo, max(hi, lo)
 
 
 # A device adds the bias as int32 with scale (input scale x weight scale). A channel whose weights are ~0
