@@ -93,6 +93,25 @@ def is_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ACTIVATION_METHODS
 
 
+def clip_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
+    """(lo, hi) of a clipping activation (ReLU, ReLU6, Hardtanh and their functional forms), which is the
+    identity inside and constant outside; None for any other op."""
+    if node.op == "call_module":
+        m = _module(gm, node)
+        if isinstance(m, nn.Hardtanh):  # ReLU6 is a Hardtanh
+            return float(m.min_val), float(m.max_val)
+        return (0.0, float("inf")) if isinstance(m, nn.ReLU) else None
+    if node.target in (F.relu, torch.relu, "relu", "relu_"):
+        return 0.0, float("inf")
+    if node.target is F.relu6:
+        return 0.0, 6.0
+    if node.target is F.hardtanh:
+        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
+        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
+        return float(lo), float(hi)
+    return None
+
+
 def is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         m = _module(gm, node)

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CalibrationError, ConfigError, QSurgeryError
-from ..graph import BATCHNORM_MODULES, device_of, is_activation, pair
-from ..quant.simulate import iter_inputs
+from ..graph import BATCHNORM_MODULES, clip_bounds, is_activation, pair
+from ..quant.simulate import graph_inputs
 from .common import PassResult, _distill_, graph_cost, refresh_shapes
 
 __all__ = ["dw_to_dense", "find_separable", "activation_linearity", "SeparableUnit"]
@@ -133,21 +133,12 @@ def find_separable(graph: fx.GraphModule) -> list[SeparableUnit]:
 
 def _identity_range(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
     """Where a piecewise-linear activation is the identity ([lo, hi]); None for curved ones (SiLU, GELU, ...)."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, nn.Hardtanh):  # ReLU6 included
-            return float(m.min_val), float(m.max_val)
-        return (0.0, math.inf) if isinstance(m, (nn.ReLU, nn.LeakyReLU, nn.PReLU)) else None
-    target = node.target
-    if target in (F.relu, torch.relu, F.leaky_relu, "relu", "relu_"):
-        return 0.0, math.inf
-    if target is F.relu6:
-        return 0.0, 6.0
-    if target is F.hardtanh:
-        lo = node.kwargs.get("min_val", node.args[1] if len(node.args) > 1 else -1.0)
-        hi = node.kwargs.get("max_val", node.args[2] if len(node.args) > 2 else 1.0)
-        return float(lo), float(hi)
-    return None
+    bounds = clip_bounds(gm, node)
+    if bounds is not None:
+        return bounds
+    leaky = (isinstance(gm.get_submodule(node.target), (nn.LeakyReLU, nn.PReLU)) if node.op == "call_module"
+             else node.target is F.leaky_relu)
+    return (0.0, math.inf) if leaky else None
 
 
 class _PreActivations(fx.Interpreter):
@@ -339,7 +330,7 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
                     "macs": u.macs, "dense_macs": u.dense_macs} for u in candidates]
         notes = ["dry run: nothing replaced; pass blocks=[...] to replace"]
         if calib_data is not None:
-            linearity = activation_linearity(graph, candidates, _inputs(graph, calib_data))
+            linearity = activation_linearity(graph, candidates, list(graph_inputs(graph, calib_data)))
             for change in changes:
                 change.update(linearity.get(change["candidate"], {}))
             notes.append("nonlinear_share: share of the live channels' calibration positions where the activation "
@@ -361,7 +352,7 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
         if calib_data is None:
             raise CalibrationError(f"reconstructing {[u.block for u in needs_fit] or 'the fine-tune'} needs "
                                    "calib_data (input batches)")
-        calib = _inputs(graph, calib_data)
+        calib = list(graph_inputs(graph, calib_data))
     linearity = activation_linearity(graph, needs_fit, calib) if needs_fit else {}
     new = copy.deepcopy(graph)
     new.meta.update(copy.deepcopy(dict(graph.meta)))
@@ -400,12 +391,6 @@ def dw_to_dense(graph: fx.GraphModule, blocks: Sequence[str] | None = None, *,
     if calib:
         result.float_error = _relative_error(graph, new, calib)
     return result
-
-
-def _inputs(graph: fx.GraphModule, calib_data: Iterable) -> list[tuple[torch.Tensor, ...]]:
-    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
-    return list(iter_inputs(calib_data, n_inputs, expected_shapes=graph.meta.get("qsurgery_input_shapes"),
-                            device=device_of(graph)))
 
 
 def _why_not(gm: fx.GraphModule, name: str, candidates: list[SeparableUnit]) -> str:

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import CalibrationError, ConfigError
 from ..graph import device_of, is_activation, is_passthrough, set_module
-from ..quant.simulate import RANGE_LIMITS, iter_inputs, run_hooked
+from ..quant.simulate import RANGE_LIMITS, graph_inputs, run_hooked
 from .common import PassResult, graph_cost, refresh_shapes
 
 __all__ = ["split_head", "find_heads", "channel_ranges", "ChannelMerge", "HeadGroups"]
@@ -412,16 +412,14 @@ def _make_merger(flat_out: list, replaced: dict[int, tuple[list[list[int]], int]
 def _float_error(old: fx.GraphModule, new: fx.GraphModule, merger: Callable | None, calib_data: Any) -> float:
     """Max |split - original| relative to max |original| over the outputs, on one calibration batch (or a
     random batch of the example shape)."""
-    n_inputs = sum(1 for n in old.graph.nodes if n.op == "placeholder")
-    device = device_of(old)
     if calib_data is not None:
-        batch = next(iter(iter_inputs(calib_data, n_inputs)))
+        batch = next(iter(graph_inputs(old, calib_data)))
     else:
         gen = torch.Generator().manual_seed(0)
-        batch = tuple(torch.randn(s, generator=gen) for s in old.meta.get("qsurgery_input_shapes", []))
+        batch = tuple(torch.randn(s, generator=gen).to(device_of(old))
+                      for s in old.meta.get("qsurgery_input_shapes", []))
         if not batch:
             return float("nan")
-    batch = tuple(t.to(device) for t in batch)
     with torch.no_grad():
         a = old(*batch)
         b = new(*batch)

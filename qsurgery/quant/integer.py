@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..graph import clip_bounds
 from .observers import weight_integers
 from .simulate import ActQuantizer, SimulatedModel, value_source
 
@@ -175,31 +176,13 @@ def _grid_of(gm: fx.GraphModule, node: Any) -> _Grid | None:
     return None
 
 
-def _clip_bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
-    """(lo, hi) of a ReLU-like activation node, None for any other activation."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        if isinstance(m, nn.ReLU6):
-            return 0.0, 6.0
-        if isinstance(m, nn.ReLU):
-            return 0.0, float("inf")
-        if isinstance(m, nn.Hardtanh):
-            return float(m.min_val), float(m.max_val)
-        return None
-    if node.target in (F.relu, torch.relu, "relu", "relu_"):
-        return 0.0, float("inf")
-    if node.target is F.relu6:
-        return 0.0, 6.0
-    return None
-
-
 def _absorbed_ok(gm: fx.GraphModule, nodes: list[fx.Node], out: _Grid) -> str | None:
     """Why the unit's activations stop onnxruntime from fusing it (None: they are redundant with the
     output quantizer's range, which is when onnxruntime drops them)."""
     lo_q = float((out.qmin - out.zero_point) * out.scale)
     hi_q = float((out.qmax - out.zero_point) * out.scale)
     for node in nodes:
-        bounds = _clip_bounds(gm, node)
+        bounds = clip_bounds(gm, node)
         if bounds is None:
             return f"activation {node.name!r} runs in float between the op and its quantizer"
         if lo_q < bounds[0] or hi_q > bounds[1]:

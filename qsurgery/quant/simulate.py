@@ -146,6 +146,14 @@ def iter_inputs(data: Any, n_inputs: int = 1, *, expected_shapes: Sequence[tuple
         raise CalibrationError(f"{what} data is empty: give at least one batch of inputs")
 
 
+def graph_inputs(graph: fx.GraphModule, data: Any, *, what: str = "calibration"
+                 ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """:func:`iter_inputs` for ``graph``: its number of inputs, its captured input shapes, its device."""
+    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
+    return iter_inputs(data, n_inputs, expected_shapes=graph.meta.get("qsurgery_input_shapes"),
+                       device=device_of(graph), what=what)
+
+
 def run_hooked(graph: fx.GraphModule, data: Any, handles: list) -> None:
     """Run ``graph`` over every batch of ``data`` without gradients, then remove the hook ``handles``
     (the statistics-gathering loop shared by passes that observe activations)."""
