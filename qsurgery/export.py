@@ -282,18 +282,31 @@ def _flatten(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def _output_step(sim: SimulatedModel) -> float | None:
+def _output_steps(sim: SimulatedModel) -> list[float | None]:
+    """The quantization step of each model output (in ``_flatten`` order), None where it is not quantized.
+    Errors are counted in each output's own steps: a split head's box and class outputs differ by 4x."""
     gm = sim.graph_module
     out = next(n for n in gm.graph.nodes if n.op == "output")
-    args = out.args[0]
-    node = args if isinstance(args, fx.Node) else (args[0] if isinstance(args, (tuple, list)) and args else None)
-    while isinstance(node, fx.Node) and node.op != "call_module":
-        node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
-    if isinstance(node, fx.Node):
-        q = gm.get_submodule(node.target)
-        if isinstance(q, ActQuantizer) and q.mode == "quant" and q.fmt.is_int:
-            return float(q.scale)
-    return None
+    steps: list[float | None] = []
+    for node in _flatten_nodes(out.args[0]):
+        while isinstance(node, fx.Node) and node.op != "call_module":
+            node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        q = gm.get_submodule(node.target) if isinstance(node, fx.Node) else None
+        steps.append(float(q.scale) if isinstance(q, ActQuantizer) and q.mode == "quant" and q.fmt.is_int
+                     else None)
+    return steps
+
+
+def _flatten_nodes(args: Any) -> list[Any]:
+    if isinstance(args, (tuple, list)):
+        return [n for a in args for n in _flatten_nodes(a)]
+    if isinstance(args, dict):
+        return [n for v in args.values() for n in _flatten_nodes(v)]
+    return [args]
+
+
+def _in_steps(err: float, k: int, steps: Sequence[float | None]) -> float | None:
+    return err / steps[k] if k < len(steps) and steps[k] else None
 
 
 def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
@@ -432,9 +445,11 @@ def _explain_export_failure(exc: Exception, model: nn.Module, opset: int) -> str
     return f"ONNX export failed at opset {opset}: {text}{where}"
 
 
-def _compare(session, model: nn.Module, batches: list, in_names: list[str], out_names: list[str]
-             ) -> tuple[float, str | None, int, int, int]:
-    max_err, worst, agree, rows, n = 0.0, None, 0, 0, 0
+def _compare(session, model: nn.Module, batches: list, in_names: list[str], out_names: list[str],
+             steps: Sequence[float | None] = ()) -> tuple[float, float | None, str | None, int, int, int]:
+    """Max |difference| (absolute, and in each output's own steps), the output where it is largest, top-1
+    agreement of the first output and the number of inputs."""
+    max_err, max_steps, worst, worst_key, agree, rows, n = 0.0, None, None, 0.0, 0, 0, 0
     for inputs in batches:
         with torch.no_grad():
             ref = _flatten(model(*inputs))
@@ -442,13 +457,18 @@ def _compare(session, model: nn.Module, batches: list, in_names: list[str], out_
         for i, (r, g) in enumerate(zip(ref, got)):
             r = r.detach().cpu().numpy()
             err = float(np.abs(r - g).max()) if r.size else 0.0
-            if err > max_err:
-                max_err, worst = err, out_names[i] if i < len(out_names) else str(i)
+            err_steps = _in_steps(err, i, steps)
+            if err_steps is not None:
+                max_steps = err_steps if max_steps is None else max(max_steps, err_steps)
+            key = err_steps if err_steps is not None else err
+            if key > worst_key:
+                worst_key, worst = key, out_names[i] if i < len(out_names) else str(i)
+            max_err = max(max_err, err)
             if r.ndim == 2 and i == 0:
                 agree += int((r.argmax(1) == g.argmax(1)).sum())
                 rows += r.shape[0]
         n += inputs[0].shape[0]
-    return max_err, worst, agree, rows, n
+    return max_err, max_steps, worst, agree, rows, n
 
 
 def _verify(report: ExportReport, model: nn.Module, example: tuple, extra: Any, in_names: list[str],
@@ -466,21 +486,21 @@ def _verify(report: ExportReport, model: nn.Module, example: tuple, extra: Any, 
     exact = ort.SessionOptions()
     exact.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(str(report.path), exact, providers=["CPUExecutionProvider"])
-    max_err, worst, agree, rows, n = _compare(session, model, batches, in_names, report.output_names)
+    steps = _output_steps(model) if isinstance(model, SimulatedModel) else []
+    max_err, max_steps, worst, agree, rows, n = _compare(session, model, batches, in_names, report.output_names,
+                                                         steps)
     report.max_abs_error = max_err
     report.verified_on = n
-    step = _output_step(model) if isinstance(model, SimulatedModel) else None
-    report.output_step = step
-    if step:
-        report.max_error_steps = max_err / step
+    report.output_step = steps[0] if steps else None
+    report.max_error_steps = max_steps
     if rows:
         report.top1_agreement = agree / rows
-    if worst is not None and max_err > (step or 1e-4):
+    if worst is not None and (max_steps > 1 if max_steps is not None else max_err > 1e-4):
         report.differences.append(f"largest difference in output {worst!r}")
     if report.qdq and isinstance(model, SimulatedModel):
         _trace_layers(report, model, example, in_names, exact)
-        if (step and max_err > step) or (rows and agree < rows):
-            _noise_floor(report, model, batches)
+        if (max_steps is not None and max_steps > 1) or (rows and agree < rows):
+            _noise_floor(report, model, batches, steps)
     if report.qdq and isinstance(model, SimulatedModel):
         from .quant.integer import integer_model
 
@@ -488,48 +508,50 @@ def _verify(report: ExportReport, model: nn.Module, example: tuple, extra: Any, 
         report.integer_units = len(twin.integer_units)
         report.float_units = dict(twin.float_units)
         runtime = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
-        r_err, _w, r_agree, r_rows, _n = _compare(runtime, twin, batches, in_names, report.output_names)
+        r_err, r_steps, _w, r_agree, r_rows, _n = _compare(runtime, twin, batches, in_names, report.output_names,
+                                                           steps)
         report.runtime_max_abs_error = r_err
-        if step:
-            report.runtime_max_error_steps = r_err / step
+        report.runtime_max_error_steps = r_steps
         if r_rows:
             report.runtime_top1_agreement = r_agree / r_rows
         full_int8 = any(layer.weight is not None and layer.weight.is_int and layer.weight.symmetric
                         and layer.weight.bits == 8 for layer in model.plan)
-        if step and r_err > step and full_int8 and not uint8_weights:
+        if r_steps is not None and r_steps > 1 and full_int8 and not uint8_weights:
             report.differences.append(
                 "onnxruntime's fused integer kernels (default optimizations) deviate from the integer-exact "
-                f"simulation by {r_err / step:.1f} steps: on x86 CPUs without VNNI its uint8 x int8 convolutions "
+                f"simulation by {r_steps:.1f} steps: on x86 CPUs without VNNI its uint8 x int8 convolutions "
                 "saturate 16-bit intermediate sums when weights use the full int8 range. The file is right; for "
                 "onnxruntime on such CPUs export with uint8_weights=True (same values, exact uint8 x uint8 "
                 "kernels), or simulate 7-bit weights: QuantConfig.int8().override('*', weight_bits=7).")
 
 
-def _noise_floor(report: ExportReport, sim: SimulatedModel, batches: list) -> None:
+def _noise_floor(report: ExportReport, sim: SimulatedModel, batches: list,
+                 steps: Sequence[float | None] | None = None) -> None:
     """How far the simulation moves from itself when only the order of its float32 sums changes (one input at
     a time instead of batches: PyTorch picks other convolution algorithms). Differences between the file and
     the simulation at this level are rounding noise, amplified by the network, not a wrong file."""
-    max_err, agree, rows = 0.0, 0, 0
+    steps = _output_steps(sim) if steps is None else steps
+    floor, agree, rows = None, 0, 0
     with torch.no_grad():
         for inputs in batches:
             ref = _flatten(sim(*inputs))
             single = [_flatten(sim(*[t[i:i + 1] for t in inputs])) for i in range(inputs[0].shape[0])]
             for k, r in enumerate(ref):
                 one = torch.cat([s[k] for s in single])
-                if r.numel():
-                    max_err = max(max_err, float((r - one).abs().max()))
+                err = _in_steps(float((r - one).abs().max()), k, steps) if r.numel() else None
+                if err is not None:
+                    floor = err if floor is None else max(floor, err)
                 if r.dim() == 2 and k == 0:
                     agree += int((r.argmax(1) == one.argmax(1)).sum())
                     rows += r.shape[0]
-    step = report.output_step
-    report.noise_floor_steps = max_err / step if step else None
+    report.noise_floor_steps = floor
     report.noise_floor_agreement = agree / rows if rows else None
-    if step and report.max_error_steps is not None:
+    if floor is not None and report.max_error_steps is not None:
         report.differences.append(
-            f"the simulation differs from itself by up to {max_err / step:.1f} steps"
+            f"the simulation differs from itself by up to {floor:.1f} steps"
             + (f" (top-1 agreement {100 * agree / rows:.2f} %)" if rows else "")
             + " when only the order of its float32 sums changes: the file's differences "
-            + ("are at that level" if report.max_error_steps <= 2 * max(max_err / step, 1.0) else
+            + ("are at that level" if report.max_error_steps <= 2 * max(floor, 1.0) else
                "are larger than that: check the layer trace above"))
 
 

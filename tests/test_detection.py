@@ -173,6 +173,11 @@ def test_explicit_groups_and_export_keeps_split(tiny, tmp_path):
 
     m = onnx.load(rep.path)
     assert [o.name for o in m.graph.output] == ["head1", "head2.g0", "head2.g1"]
+    from qsurgery.export import _output_steps
+
+    plan = sim.plan  # differences are counted in each output's own step, not in the first output's
+    assert _output_steps(sim) == [plan[n].scale for n in ("head1", "head2.g0", "head2.g1")]
+    assert plan["head2.g0"].scale != plan["head2.g1"].scale
     assert rep.max_error_steps is not None and rep.max_error_steps <= 1
 
 
