@@ -437,6 +437,10 @@ def test_recipe_splits_fused_heads_and_keeps_decoupled_concats_float(tiny, tmp_p
     assert f["split_kept"] and f["int8_split"] > f["int8"]
     assert (tmp_path / "fused" / "model_int8_split.onnx").is_file()
     assert f["onnx_int8_split"] == pytest.approx(f["int8_split"], rel=0.05)
+    contrary = recipe.yolo_head_split(model, x[:1], calib, lambda fn: evaluate(fn, model), log=lambda _s: None,
+                                      select=lambda fn: -evaluate(fn, model))  # selection data that disagrees
+    assert not contrary["figures"]["split_kept"] and contrary["split"] is None
+    assert contrary["figures"]["int8_split"] > contrary["figures"]["int8"]  # reported, not used to decide
 
     dec = Decoupled().eval()
     res = recipe.yolo_head_split(dec, x[:1], calib, lambda fn: evaluate(fn, dec), log=lambda _s: None)
