@@ -62,7 +62,8 @@ def yolo_head_split(model: torch.nn.Module, example: torch.Tensor, calib: Any,
                     score_floor: float | None = None, config: qsurgery.QuantConfig | None = None,
                     out: str | Path | None = None,
                     verify_inputs: list[torch.Tensor] | None = None, log: Callable[[str], None] = print,
-                    select: Callable[[Callable], float] | None = None) -> dict[str, Any]:
+                    select: Callable[[Callable], float] | None = None, uint8_weights: bool = False
+                    ) -> dict[str, Any]:
     """Run the recipe. ``evaluate(fn)`` scores a function batch -> model outputs (in the original output
     structure), e.g. COCO mAP. The split is kept (and exported) only if it scores at least as well as plain
     int8 by ``select`` (default: ``evaluate``); give a ``select`` on other images than ``evaluate`` (e.g. the
@@ -115,10 +116,9 @@ def yolo_head_split(model: torch.nn.Module, example: torch.Tensor, calib: Any,
         plan.to_json(out / "plan.json")
         name = "model_int8_split.onnx" if figures["split_kept"] else "model_int8.onnx"
         report = qsurgery.export_onnx(sim_split, out / name, example, qdq=True,
-                                      verify_inputs=verify_inputs,
+                                      verify_inputs=verify_inputs, uint8_weights=uint8_weights,
                                       output_names=result.output_names if result else None)
-        log(f"exported {report.path} ({report.size_bytes / 1e6:.2f} MB, {report.qdq_pairs} Q/DQ pairs, "
-            f"outputs {report.output_names}); vs simulation: max error {report.max_error_steps} steps")
+        log(report.summary())  # size, Q/DQ pairs, both onnxruntime comparisons, the noise floor, fixes
         figures["onnx"] = str(report.path)
         figures["onnx_int8_split"] = evaluate(_onnx_runner(report.path, merge_fn))
         log(f"exported model, QDQ ONNX in onnxruntime: {figures['onnx_int8_split']:.4f}")
@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--score-floor", type=float, default=None,
                     help="logit where the score groups' int8 range starts (yolo groupings; e.g. -8)")
     ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--uint8-weights", action="store_true",
+                    help="store int8 weights as uint8 + 128 (exact in onnxruntime on x86 CPUs without VNNI)")
     args = ap.parse_args()
 
     det = load_detector(args.detector, args.weights)
@@ -170,7 +172,8 @@ def main() -> None:
 
     res = yolo_head_split(det.model, torch.zeros(1, 3, det.size, det.size), calib, evaluate, groups=args.groups,
                           merge=args.merge, score_floor=args.score_floor, out=args.out, verify_inputs=calib[:2],
-                          select=lambda fn: evaluate(fn, data.subset(range(args.n_calib))))
+                          select=lambda fn: evaluate(fn, data.subset(range(args.n_calib))),
+                          uint8_weights=args.uint8_weights)
     f = res["figures"]
     print(json.dumps({k: v for k, v in f.items() if k != "heads"}, indent=1))
 
