@@ -272,14 +272,19 @@ def _initializers(model) -> set[str]:
     return {i.name for i in model.graph.initializer}
 
 
-def _flatten(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _flatten(v)]
+def _leaves(obj: Any, kind: type) -> list[Any]:
+    """The ``kind`` leaves of nested tuples/lists/dicts, in order (model outputs, or the graph's output nodes)."""
+    if isinstance(obj, kind):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _leaves(o, kind)]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _leaves(v, kind)]
     return []
+
+
+def _flatten(out: Any) -> list[torch.Tensor]:
+    return _leaves(out, torch.Tensor)
 
 
 def _output_steps(sim: SimulatedModel) -> list[float | None]:
@@ -288,21 +293,13 @@ def _output_steps(sim: SimulatedModel) -> list[float | None]:
     gm = sim.graph_module
     out = next(n for n in gm.graph.nodes if n.op == "output")
     steps: list[float | None] = []
-    for node in _flatten_nodes(out.args[0]):
+    for node in _leaves(out.args[0], fx.Node):
         while isinstance(node, fx.Node) and node.op != "call_module":
             node = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         q = gm.get_submodule(node.target) if isinstance(node, fx.Node) else None
         steps.append(float(q.scale) if isinstance(q, ActQuantizer) and q.mode == "quant" and q.fmt.is_int
                      else None)
     return steps
-
-
-def _flatten_nodes(args: Any) -> list[Any]:
-    if isinstance(args, (tuple, list)):
-        return [n for a in args for n in _flatten_nodes(a)]
-    if isinstance(args, dict):
-        return [n for v in args.values() for n in _flatten_nodes(v)]
-    return [args]
 
 
 def _in_steps(err: float, k: int, steps: Sequence[float | None]) -> float | None:
