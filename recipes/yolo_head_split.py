@@ -164,7 +164,8 @@ def main() -> None:
 
     det = load_detector(args.detector, args.weights)
     data = CocoImages(Path(args.data) / "train2017")
-    calib = data.subset(range(args.n_calib)).calibration(det.size, 8, stretch=det.stretch)
+    calib_images = data.subset(range(args.n_calib))
+    calib = calib_images.calibration(det.size, 8, stretch=det.stretch)
     held_out = data.subset(range(args.n_calib, len(data)))
 
     def evaluate(fn, images=held_out):
@@ -172,7 +173,7 @@ def main() -> None:
 
     res = yolo_head_split(det.model, torch.zeros(1, 3, det.size, det.size), calib, evaluate, groups=args.groups,
                           merge=args.merge, score_floor=args.score_floor, out=args.out, verify_inputs=calib[:2],
-                          select=lambda fn: evaluate(fn, data.subset(range(args.n_calib))),
+                          select=lambda fn: evaluate(fn, calib_images),
                           uint8_weights=args.uint8_weights)
     f = res["figures"]
     print(json.dumps({k: v for k, v in f.items() if k != "heads"}, indent=1))
