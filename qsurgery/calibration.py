@@ -23,7 +23,7 @@ import torch.fx as fx
 from tqdm.auto import tqdm
 
 from .errors import DataError
-from .graph import device_of
+from .graph import device_of, input_count
 from .quant.config import QuantConfig
 from .quant.simulate import SimulatedModel, iter_inputs, quantize
 
@@ -160,7 +160,7 @@ def calibration_coverage(graph: fx.GraphModule, calib_data: Any, eval_data: Any,
     """Check a calibration set against evaluation data (labels not needed) and give a verdict:
     ``enough``, ``more images`` (ranges still growing; about how many), or ``unlike`` (the evaluation data's
     activations fall outside, or far inside, the calibrated ranges in many layers; which ones)."""
-    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
+    n_inputs = input_count(graph)
     sim, plan = quantize(graph, calib_data, config, progress=False)
     sim.set_quantized(None, False)  # observe float activations
     rec = _Recorder(sim)

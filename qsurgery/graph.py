@@ -51,6 +51,11 @@ PASSTHROUGH_METHODS = {
 }
 
 
+def input_count(gm: fx.GraphModule) -> int:
+    """How many inputs (placeholders) the graph takes."""
+    return sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+
+
 def device_of(module: nn.Module) -> torch.device:
     """Where a module's parameters (else buffers) live; the CPU for a module without tensors."""
     for t in module.parameters():

@@ -32,6 +32,7 @@ import torch.fx as fx
 import qsurgery
 from qsurgery.graph import find_units, is_float_tensor_node
 from qsurgery.passes import PassResult, find_heads, split_head
+from qsurgery.quant.config import OBSERVERS
 
 
 def decoupled_head_concats(graph: fx.GraphModule, heads: list[str]) -> list[str]:
@@ -157,6 +158,8 @@ def main() -> None:
     ap.add_argument("--merge", default="outputs", choices=["outputs", "float_concat"])
     ap.add_argument("--score-floor", type=float, default=None,
                     help="logit where the score groups' int8 range starts (yolo groupings; e.g. -8)")
+    ap.add_argument("--observer", default="minmax", choices=OBSERVERS,
+                    help="activation range observer of the int8 simulation")
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--uint8-weights", action="store_true",
                     help="store int8 weights as uint8 + 128 (exact in onnxruntime on x86 CPUs without VNNI)")
@@ -173,6 +176,7 @@ def main() -> None:
 
     res = yolo_head_split(det.model, torch.zeros(1, 3, det.size, det.size), calib, evaluate, groups=args.groups,
                           merge=args.merge, score_floor=args.score_floor, out=args.out, verify_inputs=calib[:2],
+                          config=qsurgery.QuantConfig.int8(observer=args.observer),
                           select=lambda fn: evaluate(fn, calib_images),
                           uint8_weights=args.uint8_weights)
     f = res["figures"]

@@ -14,9 +14,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import QSurgeryError
-from ..graph import device_of
 from ..quant.observers import fake_quant
-from ..quant.simulate import SimulatedModel, iter_inputs
+from ..quant.simulate import SimulatedModel, graph_inputs
 
 __all__ = ["compare_layers", "LayerErrorReport", "LayerError"]
 
@@ -155,10 +154,7 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
     if not isinstance(simulated, SimulatedModel):
         raise QSurgeryError("compare_layers() needs the SimulatedModel returned by qsurgery.quantize()")
     gm = simulated.graph_module
-    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    device = device_of(gm)
-    inputs = next(iter(iter_inputs(batch, n_inputs, expected_shapes=gm.meta.get("qsurgery_input_shapes"),
-                                   device=device, what="comparison")))
+    inputs = next(iter(graph_inputs(gm, batch, what="comparison")))
     plan = simulated.plan
     captured: dict[str, torch.Tensor] = {}
     hooks = [simulated.quantizer(name).register_forward_hook(

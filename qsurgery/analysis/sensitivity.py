@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, QSurgeryError
-from ..graph import device_of, module_macs
+from ..graph import device_of, input_count, module_macs
 from ..quant.config import QuantConfig
 from ..quant.simulate import SimulatedModel, quantize
 
@@ -232,7 +232,7 @@ def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metri
 
             raise ConfigError(f"not quantized layers: {bad[:5]} (close: {get_close_matches(bad[0], quantized, n=4)})")
     gm = sim.graph_module
-    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
+    n_inputs = input_count(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     macs = module_macs(gm)
     starts = {}

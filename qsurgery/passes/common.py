@@ -83,11 +83,10 @@ def distill(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any, *
 
 def _distill_(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any, steps: int, lr: float,
               trainable: Sequence[str] | None = None) -> None:
-    from ..quant.simulate import iter_inputs
+    from ..quant.simulate import graph_inputs
 
-    n_inputs = sum(1 for n in teacher.graph.nodes if n.op == "placeholder")
     device = device_of(student)
-    batches = list(iter_inputs(calib_data, n_inputs, what="distillation")) if calib_data is not None else []
+    batches = list(graph_inputs(teacher, calib_data, what="distillation")) if calib_data is not None else []
     if not batches:
         raise CalibrationError("distillation needs calib_data (input batches)")
     if trainable is None:

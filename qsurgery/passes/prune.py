@@ -29,7 +29,7 @@ from torch import nn
 from ..errors import CalibrationError, ConfigError
 from ..evaluate import kl_divergence
 from ..graph import BATCHNORM_MODULES, device_of, module_macs, set_module
-from ..quant.simulate import iter_inputs, run_hooked
+from ..quant.simulate import graph_inputs, run_hooked
 from .common import PassResult, _distill_, graph_cost, refresh_shapes
 
 __all__ = ["prune_channels", "channel_groups", "ChannelGroups"]
@@ -278,11 +278,9 @@ def _scores(graph: fx.GraphModule, cg: ChannelGroups, criterion: str, calib_data
         gm = copy.deepcopy(graph)
         gm.train(False)
         grads: dict[str, torch.Tensor] = {}
-        n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-        device = device_of(gm)
-        for batch in iter_inputs(calib_data, n_inputs):
+        for batch in graph_inputs(gm, calib_data):
             gm.zero_grad()
-            out = gm(*[t.to(device) for t in batch])
+            out = gm(*batch)
             out = out[0] if isinstance(out, (tuple, list)) else out
             target = out.detach().argmax(1) if out.dim() == 2 else out.detach()
             loss = F.cross_entropy(out, target) if out.dim() == 2 else F.mse_loss(out, target + 0.1)
@@ -428,9 +426,8 @@ def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, flo
              criterion: str) -> PruningSensitivity:
     from tqdm.auto import tqdm
 
-    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
     batches, seen = [], 0
-    for batch in iter_inputs(calib_data, n_inputs):
+    for batch in graph_inputs(graph, calib_data):
         batches.append(batch)
         seen += batch[0].shape[0]
         if seen >= images:

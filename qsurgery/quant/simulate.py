@@ -18,7 +18,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, ConfigError, QSurgeryError
-from ..graph import QuantUnit, device_of, find_units, fold_batchnorm, is_float_tensor_node, is_passthrough
+from ..graph import QuantUnit, device_of, find_units, fold_batchnorm, input_count, is_float_tensor_node, is_passthrough
 from .config import QuantConfig, TensorFormat
 from .observers import RangeStats, choose_range, fake_quant, qparams, weight_qparams
 from .plan import LayerQuant, QuantPlan
@@ -149,20 +149,17 @@ def iter_inputs(data: Any, n_inputs: int = 1, *, expected_shapes: Sequence[tuple
 def graph_inputs(graph: fx.GraphModule, data: Any, *, what: str = "calibration"
                  ) -> Iterator[tuple[torch.Tensor, ...]]:
     """:func:`iter_inputs` for ``graph``: its number of inputs, its captured input shapes, its device."""
-    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
-    return iter_inputs(data, n_inputs, expected_shapes=graph.meta.get("qsurgery_input_shapes"),
+    return iter_inputs(data, input_count(graph), expected_shapes=graph.meta.get("qsurgery_input_shapes"),
                        device=device_of(graph), what=what)
 
 
 def run_hooked(graph: fx.GraphModule, data: Any, handles: list) -> None:
     """Run ``graph`` over every batch of ``data`` without gradients, then remove the hook ``handles``
     (the statistics-gathering loop shared by passes that observe activations)."""
-    n_inputs = sum(1 for n in graph.graph.nodes if n.op == "placeholder")
-    device = device_of(graph)
     try:
         with torch.no_grad():
-            for batch in iter_inputs(data, n_inputs):
-                graph(*[t.to(device) for t in batch])
+            for batch in graph_inputs(graph, data):
+                graph(*batch)
     finally:
         for h in handles:
             h.remove()
@@ -305,14 +302,11 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
 
     gm = copy.deepcopy(graph)
     gm.eval()
-    device = device_of(gm)
-    n_inputs = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    expected = gm.meta.get("qsurgery_input_shapes")
 
     if isinstance(calib_data, torch.Tensor):
         calib_data = [calib_data]
     source = _Replayable(calib_data) if calib_data is not None else None
-    batches = iter(iter_inputs(source, n_inputs, expected_shapes=expected, device=device)) if source else None
+    batches = iter(graph_inputs(gm, source)) if source else None
     first = next(batches) if batches is not None else None
 
     folded = fold_batchnorm(gm) if config.fold_bn else {}
@@ -337,7 +331,7 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
                 for q in hist:
                     q.stats.start_histogram(config.hist_bins)
                     q.mode = "hist"
-                for inputs in _progress(None, iter_inputs(source, n_inputs, expected_shapes=expected, device=device),
+                for inputs in _progress(None, graph_inputs(gm, source),
                                         progress, "calibrating (histograms)"):
                     gm(*inputs)
     elif any(q.fmt.is_int for q in quantizers.values()):
