@@ -185,6 +185,8 @@ def test_split_head_bad_input(tiny):
     _, graph, calib = tiny
     with pytest.raises(CalibrationError, match="calib_data"):
         split_head(graph, groups="auto")
+    with pytest.raises(CalibrationError, match=r"captured for \(N, 3, 32, 32\)"):  # checked like quantize's
+        split_head(graph, groups="auto", calib_data=[torch.rand(2, 3, 48, 48)])
     with pytest.raises(ConfigError, match="exactly once"):
         split_head(graph, ["head1"], groups=[list(range(10)), list(range(9, 21))])
     with pytest.raises(ConfigError, match="exactly once"):

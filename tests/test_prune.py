@@ -146,6 +146,8 @@ def test_prune_refusals():
         prune_channels(graph, exclude=["nope"])
     with pytest.raises(CalibrationError, match="calib_data"):
         prune_channels(graph, criterion="taylor")
+    with pytest.raises(CalibrationError, match=r"captured for \(N, 3, 8, 8\)"):  # checked like quantize's
+        prune_channels(graph, criterion="taylor", calib_data=[torch.randn(2, 3, 10, 10)])
     with pytest.raises(CalibrationError, match="calib_data"):
         prune_channels(graph, recover="kd")
 
