@@ -182,7 +182,6 @@ def calibration_draws(args, det, graph, heads, calib_set, held_out, fold: str, d
                                           for v, m in maps.items() if v != "whole int8"))
 
 
-
 def report(args, summary: list, draws: list) -> None:
     """The table of every row, the calibration draws, then the two goals per detector and fold."""
     print("\n| detector | fold | variant | held-out mAP | held-out mAP@0.5 | all-128 mAP | all-128 mAP@0.5 | "
