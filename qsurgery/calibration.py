@@ -148,11 +148,11 @@ class _Recorder:
             h.remove()
 
 
-def _run(sim: SimulatedModel, data: Any, n_inputs: int, progress: bool, desc: str) -> None:
-    device = device_of(sim)
+def _run(sim: SimulatedModel, data: Any, progress: bool, desc: str) -> None:
+    batches = iter_inputs(data, input_count(sim.graph_module), device=device_of(sim))
     with torch.no_grad():
-        for batch in tqdm(iter_inputs(data, n_inputs), desc=desc, unit="batch", disable=not progress, leave=False):
-            sim(*[t.to(device) for t in batch])
+        for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            sim(*batch)
 
 
 def calibration_coverage(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *,
@@ -160,12 +160,11 @@ def calibration_coverage(graph: fx.GraphModule, calib_data: Any, eval_data: Any,
     """Check a calibration set against evaluation data (labels not needed) and give a verdict:
     ``enough``, ``more images`` (ranges still growing; about how many), or ``unlike`` (the evaluation data's
     activations fall outside, or far inside, the calibrated ranges in many layers; which ones)."""
-    n_inputs = input_count(graph)
     sim, plan = quantize(graph, calib_data, config, progress=False)
     sim.set_quantized(None, False)  # observe float activations
     rec = _Recorder(sim)
     try:
-        _run(sim, calib_data, n_inputs, progress, "coverage (calibration)")
+        _run(sim, calib_data, progress, "coverage (calibration)")
         calib = {n: rec.ranges(n) for n in rec.names}
         n_calib = next(iter(calib.values())).shape[0]
         if n_calib < 2:
@@ -173,7 +172,7 @@ def calibration_coverage(graph: fx.GraphModule, calib_data: Any, eval_data: Any,
                             "dozen images (128 is a good start)")
         rec.reset()
         rec.bounds = {n: (float(calib[n][:, 0].min()), float(calib[n][:, 1].max())) for n in rec.names}
-        _run(sim, eval_data, n_inputs, progress, "coverage (evaluation)")
+        _run(sim, eval_data, progress, "coverage (evaluation)")
         evals = {n: rec.ranges(n) for n in rec.names}
         n_eval = next(iter(evals.values())).shape[0]
         if n_eval == 0:
