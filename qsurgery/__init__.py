@@ -4,8 +4,9 @@ graph, and prove the fix on your data.
 Typical flow::
 
     import qsurgery
-    graph = qsurgery.capture(model, torch.randn(1, 3, 224, 224))
-    sim, plan = qsurgery.quantize(graph, calib_loader, qsurgery.QuantConfig.int8())
+    result = qsurgery.repair(model, calib_images, (eval_images, eval_labels),
+                             budget=qsurgery.Budget(max_drop=1.0, metric="top1"), target="per-tensor-int8")
+    print(result.headline())
 """
 
 from .capture import capture
@@ -13,6 +14,7 @@ from .detection import CocoImages, coco_map
 from .errors import CalibrationError, CaptureError, ConfigError, DataError, ModelLoadError, QSurgeryError
 from .evaluate import agreement, predict, top1
 from .export import ExportReport, export_onnx
+from .io import load, save
 from .quant import (
     IntegerModel,
     LayerQuant,
@@ -23,6 +25,8 @@ from .quant import (
     integer_model,
     quantize,
 )
+from .repair import REMEDIES, Budget, RepairError, RepairResult, repair  # noqa: E402  (after quant: imports it)
+from .targets import TARGETS, Target, get_target  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -30,6 +34,8 @@ __all__ = [
     "capture", "quantize", "QuantConfig", "TensorFormat", "QuantPlan", "LayerQuant", "SimulatedModel",
     "integer_model", "IntegerModel",
     "predict", "top1", "agreement", "export_onnx", "ExportReport", "coco_map", "CocoImages",
+    "repair", "Budget", "RepairResult", "REMEDIES", "RepairError", "Target", "TARGETS", "get_target",
+    "save", "load",
     "QSurgeryError", "CaptureError", "ConfigError", "CalibrationError", "DataError", "ModelLoadError",
     "__version__",
 ]

@@ -69,7 +69,8 @@ _TRACE_ERROR_HINTS = (
 class _Tracer(fx.Tracer):
     """fx.Tracer that keeps chosen modules as leaves and remembers in which module tracing failed."""
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: set[str]):
+    def __init__(self, leaf_types: tuple[type, ...] = (), leaf_names: set[str] | frozenset[str] = frozenset()):
+        # defaults: torch.load re-traces a saved GraphModule with its tracer class and no arguments
         super().__init__(autowrap_functions=_AUTOWRAP_FUNCTIONS)
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names

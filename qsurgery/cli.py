@@ -1,5 +1,6 @@
-"""Command line: ``qsurgery quantize`` (simulate int8, compare with float), ``qsurgery analyze`` (which layers
-break and why: report), ``qsurgery export`` (float and QDQ ONNX)."""
+"""Command line: ``qsurgery repair`` (the cheapest quantized model within an accuracy budget on a device,
+with its record and verified ONNX), ``qsurgery quantize`` (simulate int8, compare with float),
+``qsurgery analyze`` (which layers break and why: report), ``qsurgery export`` (float and QDQ ONNX)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,16 @@ from .quant.config import OBSERVERS
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
-    if args.target == "pow2-int8":
-        cfg = QuantConfig.pow2_int8(observer=args.observer)
-    elif args.target == "full-int8":
-        cfg = QuantConfig.full_int8(observer=args.observer)
-    else:
+    from dataclasses import replace
+
+    from .targets import get_target
+
+    if args.target == "int8":  # the name this option had before targets were shared with the Python API
         cfg = QuantConfig.int8(per_channel=not args.per_tensor, observer=args.observer)
+    else:
+        cfg = get_target(args.target).config(observer=args.observer)
+        if args.per_tensor:
+            cfg = replace(cfg, weight=replace(cfg.weight, per_channel=False))
     for name in args.keep_float:
         cfg = cfg.override(name, dtype="float")
     return cfg
@@ -197,16 +202,118 @@ def _add_common(q: argparse.ArgumentParser) -> None:
     q.add_argument("--input-size", type=int, help="square input size (default: the model's)")
     q.add_argument("--observer", choices=OBSERVERS, default="minmax", help="activation range observer")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor instead of per-channel weights")
-    q.add_argument("--target", choices=("int8", "full-int8", "pow2-int8"), default="int8")
+    q.add_argument("--target", choices=_target_names() + ["int8"], default="int8",
+                   help="device target (see qsurgery.TARGETS); int8: generic int8 without float layers")
     q.add_argument("--keep-float", action="append", default=[], metavar="LAYER",
                    help="keep this layer (name or glob) float; repeatable")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _target_names() -> list[str]:
+    from .targets import TARGETS
+
+    return sorted(TARGETS)
+
+
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from .repair import REMEDIES, Budget, RepairError, repair
+    from .targets import get_target
+
+    # cheap checks first: nothing expensive runs before every argument is known to be usable
+    if args.out.exists() and not args.out.is_dir():
+        raise RepairError(f"--out {args.out} exists and is not a folder")
+    if args.data is not None and not args.data.exists():
+        raise RepairError(f"--data {args.data} does not exist")
+    if args.calib < 1 or args.eval < 0 or args.batch_size < 1:
+        raise RepairError("--calib and --batch-size must be >= 1, --eval >= 0")
+    unknown = [r for r in args.remedy if r not in REMEDIES]
+    if unknown:
+        raise RepairError(f"unknown --remedy {unknown[0]!r}; known: {', '.join(sorted(REMEDIES))}")
+    metric = args.metric or ("top1" if args.data else "agreement")
+    budget = Budget(args.budget, metric, args.max_cost)
+    target = get_target(args.target)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.eval == 0 and not args.data:
+        args.eval = 96
+    t0 = time.perf_counter()
+    model, calib_set, eval_set, source, graph, _config = _prepare(args)
+    progress = not args.quiet
+    print(f"model    {args.model}\nimages   {source}\ntarget   {target.name}: {target.description}\n"
+          f"budget   at most {budget.max_drop} point(s) of {metric} below float"
+          + (f", cost at most x{budget.max_cost}" if budget.max_cost else ""), flush=True)
+    result = repair(graph, loader(calib_set, args.batch_size), eval_set, budget=budget, target=target,
+                    remedies=args.remedy or None, selection=args.selection, max_trials=args.max_trials,
+                    out_dir=args.out, seed=args.seed, batch_size=args.batch_size, progress=progress)
+    report = args.out / "report.md"
+    report.write_text(result.to_markdown())
+    plot = result.plot(args.out / "repair.png")
+    _write_html(args.out / "report.html", result.to_markdown(), plot.name)
+    for step in result.steps:
+        print(f"kept     {step['remedy']} {step['params'] or ''}")
+    for w in result.warnings:
+        print(f"warning  {w}")
+    print(f"result   {result.headline()}")
+    if args.export:
+        example = calib_set[0][0].unsqueeze(0)
+        verify = [b[0] for b in loader(torch.utils.data.Subset(eval_set, list(range(min(16, len(eval_set))))),
+                                       args.batch_size)]
+        rep = result.export_onnx(args.out / "repaired_qdq.onnx", example, verify_inputs=verify)
+        print(f"onnx     {rep.path}: " + rep.summary().splitlines()[-1].strip())
+    print(f"report   {report} (and report.html, the trial log trials.jsonl, the model in result/) in "
+          f"{time.perf_counter() - t0:.0f} s")
+    return 0 if result.reached else 1
+
+
+def _write_html(path: Path, markdown: str, image: str) -> None:
+    import html
+
+    rows, body = [], []
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            if set(line.replace("|", "").strip()) <= set("-: "):
+                continue
+            rows.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
+                        + "</tr>")
+            continue
+        if rows:
+            body.append("<table>" + "".join(rows) + "</table>")
+            rows = []
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{html.escape(line)}</p>")
+    if rows:
+        body.append("<table>" + "".join(rows) + "</table>")
+    body.append(f'<img src="{html.escape(image)}" alt="KL per trial">')
+    style = ("body{font-family:sans-serif;max-width:70em;margin:2em auto}"
+             "td{padding:2px 8px;border-bottom:1px solid #ddd}")
+    path.write_text(f"<!doctype html><meta charset=utf-8><title>qsurgery repair</title><style>{style}</style>"
+                    + "\n".join(body))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qsurgery", description=__doc__)
     parser.add_argument("--version", action="version", version=f"qsurgery {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("repair", help="the cheapest quantized model within an accuracy budget on a device "
+                                      "(report, trial log, saved model, verified QDQ ONNX)")
+    _add_common(r)
+    r.set_defaults(target="per-tensor-int8", calib=32)
+    r.add_argument("--out", type=Path, default=Path("qsurgery-repair"), help="output folder (default "
+                   "qsurgery-repair); a rerun with the same arguments resumes from it")
+    r.add_argument("--budget", type=float, default=1.0, help="points of --metric the model may lose (default 1)")
+    r.add_argument("--metric", choices=("top1", "agreement"),
+                   help="top1 (labeled --data) or agreement with float (default: top1 with --data, else agreement)")
+    r.add_argument("--max-cost", type=float, help="largest cost relative to the plain quantized model")
+    r.add_argument("--remedy", action="append", default=[], metavar="NAME",
+                   help="allow only these remedies (repeatable; default: every one the target allows)")
+    r.add_argument("--max-trials", type=int, default=24)
+    r.add_argument("--selection", type=float, default=0.5, help="share of evaluation images that decide "
+                   "(the rest only report)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--no-export", dest="export", action="store_false", help="skip the verified QDQ ONNX")
+    r.set_defaults(func=_cmd_repair, distill=False)
     q = sub.add_parser("quantize", help="simulate int8 on a model and compare it with float")
     _add_common(q)
     q.add_argument("--plan", type=Path, help="write the QuantPlan as JSON here")

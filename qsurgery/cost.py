@@ -18,7 +18,7 @@ from .targets import Target, get_target, layer_format
 
 __all__ = ["PlanCost", "plan_cost"]
 
-_BYTES = {"int8": (1, 1), "a16w8": (1, 2), "int16": (2, 2), "fp16": (2, 2), "float": (4, 4)}
+_BYTES = {"int8": (1, 1), "w4a8": (0.5, 1), "a16w8": (1, 2), "int16": (2, 2), "fp16": (2, 2), "float": (4, 4)}
 
 
 @dataclass

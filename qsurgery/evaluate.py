@@ -3,16 +3,17 @@ KL divergence of the outputs (the soft signal that ranks changes where top-1 mov
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .graph import device_of
 
-__all__ = ["predict", "top1", "agreement", "kl_divergence"]
+__all__ = ["predict", "top1", "agreement", "kl_divergence", "score"]
 
 
 @torch.no_grad()
@@ -60,3 +61,18 @@ def kl_divergence(reference: torch.Tensor, out: torch.Tensor) -> float:
     p = torch.log_softmax(reference.float(), 1)
     q = torch.log_softmax(out.float(), 1)
     return float((p.exp() * (p - q)).sum(1).mean())
+
+
+def score(out: torch.Tensor, labels: torch.Tensor | None, metric: str | Callable, reference: torch.Tensor | None
+          ) -> float:
+    """The one evaluator contract, in points (higher is better): ``"top1"`` (needs labels), ``"agreement"``
+    with the float ``reference`` outputs, or ``metric(outputs, labels) -> points`` (e.g. mAP for detectors)."""
+    if callable(metric):
+        return float(metric(out, labels))
+    if metric == "top1":
+        if labels is None:
+            raise ConfigError("metric 'top1' needs labeled evaluation data; use metric='agreement'")
+        return 100 * (out.argmax(1) == labels).float().mean().item()
+    if metric == "agreement":
+        return 100 * (out.argmax(1) == reference.argmax(1)).float().mean().item()
+    raise ConfigError(f"metric must be 'top1', 'agreement' or a callable(outputs, labels), not {metric!r}")

@@ -19,14 +19,37 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["QuantUnit", "find_units", "fold_batchnorm", "is_float_tensor_node", "module_macs", "device_of",
-           "set_module"]
+           "set_module", "ChannelClip", "WEIGHT_SCALES"]
+
+# graph.meta key of weights a pass has put on a quantization grid (learned rounding): {module name:
+# (weight format as a dict, scale tensor)}. ``quantize`` uses the scale when the layer gets that format, so the
+# integers the pass chose are the ones the simulation, the integer twin and the export hold.
+WEIGHT_SCALES = "qsurgery_weight_scales"
+
+
+class ChannelClip(nn.Module):
+    """``clamp(x, lo[c], hi[c])`` with one bound per channel (dim 1): a ReLU6 / hardtanh after cross-layer
+    equalization, whose clip points move with each channel's scale (that keeps the float model exact)."""
+
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor):
+        super().__init__()
+        self.register_buffer("lo", lo.detach().clone().float())
+        self.register_buffer("hi", hi.detach().clone().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.maximum(torch.minimum(x, self.hi.view(shape)), self.lo.view(shape))
+
+    def extra_repr(self) -> str:
+        return f"channels={self.lo.numel()}, hi in [{float(self.hi.min()):.4g}, {float(self.hi.max()):.4g}]"
+
 
 WEIGHTED_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
                                       nn.ConvTranspose1d, nn.ConvTranspose2d)
 BATCHNORM_MODULES: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ACTIVATION_MODULES: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.GELU,
-    nn.Mish, nn.ELU, nn.Hardtanh, nn.PReLU, nn.CELU, nn.SELU, nn.Softplus,
+    nn.Mish, nn.ELU, nn.Hardtanh, nn.PReLU, nn.CELU, nn.SELU, nn.Softplus, ChannelClip,
 )
 ACTIVATION_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.gelu, F.mish,

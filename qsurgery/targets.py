@@ -6,6 +6,7 @@ cost model all read the same fields. Users add their own with ``Target(...)`` or
 Per-layer formats, by name:
 
 - ``int8``: int8 weights (per-channel unless the target says per-tensor) and 8-bit activations;
+- ``w4a8``: 4-bit weights, 8-bit activations (the default of 4-bit-weight devices, int8 their fallback);
 - ``a16w8``: int8 weights, 16-bit activations (Hailo / R-Car style widening);
 - ``int16``: 16-bit weights and activations;
 - ``fp16``: half precision;
@@ -22,14 +23,17 @@ from .quant.plan import QuantPlan
 
 __all__ = ["Target", "TARGETS", "get_target", "FORMATS", "layer_format"]
 
-FORMATS = ("int8", "a16w8", "int16", "fp16", "float")
+FORMATS = ("int8", "w4a8", "a16w8", "int16", "fp16", "float")
+_BITS = {"int8": (8, 8), "w4a8": (4, 8), "a16w8": (8, 16), "int16": (16, 16)}
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a device runs and what it costs. ``mac_cost``/``byte_cost`` are relative (int8 MAC = 1);
-    ``conversion_cost`` is the cost, in int8-MAC equivalents per output element, of each change of format
-    between a layer and its consumer (a requantize or convert node)."""
+    """What a device runs and what it costs. ``formats[0]`` is the format every layer gets by default, the
+    others are what a layer may be widened to; ``per_channel``/``pow2`` constrain every integer scale.
+    ``mac_cost``/``byte_cost`` are relative (int8 MAC = 1); ``conversion_cost`` is the cost, in int8-MAC
+    equivalents per output element, of each change of format between a layer and its consumer (a requantize
+    or convert node)."""
 
     name: str
     description: str
@@ -51,18 +55,30 @@ class Target:
 
     @property
     def mixed(self) -> bool:
-        """Whether a layer may run in anything but int8 on this device."""
+        """Whether a layer may run in anything but the default format on this device."""
         return len(self.formats) > 1
 
+    @property
+    def default(self) -> str:
+        """The per-layer format every layer gets unless widened."""
+        return self.formats[0]
+
+    @property
+    def float_fallback(self) -> bool:
+        """Whether a layer may leave integer arithmetic (fp16 or float) on this device."""
+        return any(f in ("fp16", "float") for f in self.formats)
+
     def config(self, observer: str = "minmax") -> QuantConfig:
-        """The all-int8 QuantConfig this device implies (per-channel or per-tensor weights, pow2 scales).
-        Signed (int8) and unsigned (uint8) asymmetric activations are the same grid shifted, so one
-        simulation serves both."""
+        """The QuantConfig this device implies with every layer in its default format (per-channel or
+        per-tensor weights, pow2 scales, weight bits). Signed (int8) and unsigned (uint8) asymmetric
+        activations are the same grid shifted, so one simulation serves both."""
         if self.pow2:
             cfg = QuantConfig.pow2_int8(observer=observer)
         else:
             cfg = QuantConfig.int8(per_channel=self.per_channel, observer=observer)
-        return replace(cfg, allow_mixed=self.mixed, name=self.name)
+        w_bits, a_bits = _BITS[self.default]
+        cfg = replace(cfg, weight=replace(cfg.weight, bits=w_bits), activation=replace(cfg.activation, bits=a_bits))
+        return replace(cfg, allow_mixed=self.float_fallback, name=self.name)
 
     def formats_of(self, fmt: str, weight: TensorFormat | None, activation: TensorFormat
                    ) -> tuple[TensorFormat | None, TensorFormat]:
@@ -71,7 +87,7 @@ class Target:
         if fmt in ("float", "fp16"):
             f = TensorFormat(fmt)
             return (f if weight is not None else None), f
-        w_bits, a_bits = {"int8": (8, 8), "a16w8": (8, 16), "int16": (16, 16)}[fmt]
+        w_bits, a_bits = _BITS[fmt]
         return (replace(weight, bits=w_bits) if weight is not None else None), replace(activation, bits=a_bits)
 
     def require(self, fmt: str) -> None:
@@ -134,6 +150,16 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            byte_cost={"int8": 1.0, "a16w8": 2.0, "int16": 2.0}),
     Target("pow2-int8", "Xilinx DPU-like: int8, symmetric power-of-two scales, per-tensor, no fallback",
            formats=("int8",), per_channel=False, pow2=True),
+    Target("per-tensor-int8", "NPU / DSP-like: int8 with per-tensor weight scales, no fallback",
+           formats=("int8",), per_channel=False),
+    Target("per-tensor-int16", "NPU / DSP-like: per-tensor int8, with 16-bit activations or weights per layer",
+           formats=("int8", "a16w8", "int16"), per_channel=False, mac_cost={"int8": 1.0, "a16w8": 2.0, "int16": 4.0},
+           byte_cost={"int8": 1.0, "a16w8": 2.0, "int16": 2.0}),
+    Target("pow2-int16", "DPU-like: power-of-two per-tensor int8, with 16-bit layers allowed",
+           formats=("int8", "a16w8", "int16"), per_channel=False, pow2=True,
+           mac_cost={"int8": 1.0, "a16w8": 2.0, "int16": 4.0}, byte_cost={"int8": 1.0, "a16w8": 2.0, "int16": 2.0}),
+    Target("w4a8", "4-bit-weight accelerators: 4-bit per-channel weights, 8-bit activations, int8 layers allowed",
+           formats=("w4a8", "int8"), mac_cost={"w4a8": 0.5, "int8": 1.0}, byte_cost={"w4a8": 1.0, "int8": 1.0}),
 )}
 
 

@@ -24,6 +24,7 @@ from ..analysis.sensitivity import SensitivityReport
 from ..cost import PlanCost, plan_cost
 from ..errors import ConfigError
 from ..evaluate import kl_divergence, predict
+from ..evaluate import score as _score
 from ..quant.plan import QuantPlan
 from ..quant.simulate import quantize
 from ..targets import Target, get_target
@@ -128,19 +129,6 @@ def _kl(reference: torch.Tensor, out: torch.Tensor) -> float:
     if reference.dim() != 2:
         return float((reference - out).pow(2).mean())
     return kl_divergence(reference, out)
-
-
-def _score(out: torch.Tensor, labels: torch.Tensor | None, metric: str | Callable, reference: torch.Tensor | None
-           ) -> float:
-    if callable(metric):
-        return float(metric(out, labels))
-    if metric == "top1":
-        if labels is None:
-            raise ConfigError("metric 'top1' needs labeled evaluation data; use metric='agreement'")
-        return 100 * (out.argmax(1) == labels).float().mean().item()
-    if metric == "agreement":
-        return 100 * (out.argmax(1) == reference.argmax(1)).float().mean().item()
-    raise ConfigError(f"metric must be 'top1', 'agreement' or a callable(outputs, labels), not {metric!r}")
 
 
 def assign_precision(graph: fx.GraphModule, plan: QuantPlan, sensitivity: SensitivityReport, *,

@@ -18,7 +18,16 @@ from torch.fx.passes.shape_prop import ShapeProp
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationError, ConfigError, QSurgeryError
-from ..graph import QuantUnit, device_of, find_units, fold_batchnorm, input_count, is_float_tensor_node, is_passthrough
+from ..graph import (
+    WEIGHT_SCALES,
+    QuantUnit,
+    device_of,
+    find_units,
+    fold_batchnorm,
+    input_count,
+    is_float_tensor_node,
+    is_passthrough,
+)
 from .config import QuantConfig, TensorFormat
 from .observers import RangeStats, choose_range, fake_quant, qparams, weight_qparams
 from .plan import LayerQuant, QuantPlan
@@ -94,6 +103,13 @@ class SimulatedModel(nn.Module):
                 with torch.no_grad():
                     module.weight.copy_(src)
             self._enabled[name] = enabled
+
+    def weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(float, fake-quantized) weights of unit ``name`` (BN folded), None for a unit without weights."""
+        self.plan[name]
+        if name not in self._quant_weights:
+            return None
+        return self._float_weights[name], self._quant_weights[name]
 
     def quantized_names(self) -> list[str]:
         return [n for n, on in self._enabled.items() if on]
@@ -343,6 +359,7 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
     layers: list[LayerQuant] = []
     nodes = {n.name: n for n in gm.graph.nodes}
     range_limits = graph.meta.get(RANGE_LIMITS, {})
+    pinned = graph.meta.get(WEIGHT_SCALES, {})
     float_w: dict[str, torch.Tensor] = {}
     quant_w: dict[str, torch.Tensor] = {}
     for u in units:
@@ -369,7 +386,15 @@ def quantize(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None 
             w = module.weight.detach()
             if w_fmt.is_int:
                 axis = _weight_axis(module)
-                scale, zp = weight_qparams(w, w_fmt, axis)
+                pin = pinned.get(u.module)
+                if pin is not None and pin[0] == w_fmt.to_dict():
+                    scale = pin[1].to(torch.float32).clone()
+                    zp = torch.zeros(scale.shape, dtype=torch.int32)
+                    layer.notes.append("weights on a grid chosen by learned rounding (scale kept)")
+                else:
+                    scale, zp = weight_qparams(w, w_fmt, axis)
+                    if pin is not None:
+                        layer.notes.append(f"learned rounding was done for {pin[0]}, not this format: re-rounded")
                 if w_fmt.symmetric:
                     scale = _fit_bias_in_int32(scale, module, _input_quantizer(gm, nodes[u.anchor]), layer)
                 layer.weight_scale = scale.detach().cpu()

@@ -1,0 +1,738 @@
+"""The recipe engine: model + calibration images + evaluation images + budget + device target -> the cheapest
+repaired quantized model that meets the budget, the record of every trial, and a verifiable export.
+
+How it decides:
+
+1. ``eval_data`` is split (seeded) into a *selection* part, on which every decision is taken, and a *report*
+   part, on which the result is measured once at the end and nothing is chosen.
+2. Float and the target's plain quantized model are measured on the selection part; when the budget holds
+   the engine stops there.
+3. Otherwise every remedy the target allows proposes priced changes (cost in the target's currency, relative
+   to the plain model). Free remedies (techniques that keep every layer in the target's default format) come
+   first, then the ones that cost, in order of expected gain per cost. Each trial is measured on the
+   selection part and kept only when the outputs moved measurably closer to float (KL divergence, the soft
+   signal that sees changes top-1 on a few hundred images cannot) without breaking a cost cap; a rejected
+   trial is stepped back. The loop stops when the budget holds, nothing is left to try, or ``max_trials``.
+4. With ``out_dir`` every trial is stored as it is measured, keyed by what produced it: a rerun continues
+   where an interrupted one stopped, and a rerun with other arguments refuses, naming the difference.
+
+Remedies are registered by name (:data:`REMEDIES`, :func:`register_remedy`) with what they fix, whether they
+are exact, what data they need and which targets allow them.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import capture
+from .cost import PlanCost, plan_cost
+from .errors import ConfigError, DataError, QSurgeryError
+from .evaluate import kl_divergence, predict, score
+from .quant.config import QuantConfig
+from .quant.plan import QuantPlan
+from .quant.simulate import SimulatedModel, iter_inputs, quantize
+from .targets import Target, get_target
+
+__all__ = ["Budget", "repair", "RepairResult", "Trial", "Proposal", "Remedy", "Finding", "REMEDIES",
+           "register_remedy", "RepairError"]
+
+
+class RepairError(QSurgeryError, ValueError):
+    """The repair cannot start or continue as asked (bad budget, remedy, data or a resumed run that differs)."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the repaired model may lose against float, in points of ``metric``: ``"top1"`` (labels needed),
+    ``"agreement"`` (with float, no labels) or a callable ``metric(outputs, labels) -> points`` (the evaluator
+    contract; detectors pass mAP this way). ``max_cost``: largest cost allowed, relative to the target's plain
+    quantized model (1.0 = no extra cost)."""
+
+    max_drop: float = 1.0
+    metric: str | Callable = "top1"
+    max_cost: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_drop, (int, float)) or not math.isfinite(self.max_drop) or self.max_drop < 0:
+            raise RepairError(f"budget max_drop must be a number of points >= 0, got {self.max_drop!r}")
+        if not callable(self.metric) and self.metric not in ("top1", "agreement"):
+            raise RepairError(f"budget metric must be 'top1', 'agreement' or a callable(outputs, labels), "
+                              f"got {self.metric!r}")
+        if self.max_cost is not None and not self.max_cost > 0:
+            raise RepairError(f"max_cost must be > 0 (relative to the plain model), got {self.max_cost!r}")
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric if isinstance(self.metric, str) else getattr(self.metric, "__name__", "metric")
+
+
+@dataclass
+class Finding:
+    """What the analysis saw: ``layer`` (or ``"*"`` for the whole model), ``symptom``, and the measured
+    ``evidence`` behind it."""
+
+    layer: str
+    symptom: str
+    evidence: str
+
+
+@dataclass
+class Proposal:
+    """One change a remedy offers, priced before it is applied: ``cost`` is the extra cost on the target,
+    relative to the plain quantized model; ``expected_gain`` orders proposals (a share of the current KL)."""
+
+    remedy: str
+    params: dict
+    why: str
+    expected_gain: float
+    cost: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return f"{self.remedy}:{json.dumps(self.params, sort_keys=True)}"
+
+
+@dataclass
+class Trial:
+    """One measured proposal: selection-part metric and KL before and after, cost, kept or not and why."""
+
+    proposal: dict
+    metric_before: float
+    metric_after: float
+    kl_before: float
+    kl_after: float
+    cost: float
+    accepted: bool
+    reason: str
+    seconds: float
+    cached: bool = False
+
+
+@dataclass
+class _State:
+    """A candidate: the (possibly rewritten) graph, the quantization config, and the accepted steps."""
+
+    graph: fx.GraphModule
+    config: QuantConfig
+    steps: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """A registered remedy: what it fixes, whether it keeps the float model exact, what data it needs, whether
+    it may change the model's outputs, and how it proposes and applies changes."""
+
+    name: str
+    fixes: tuple[str, ...]
+    exact: bool
+    needs: str
+    changes_outputs: bool
+    description: str
+    propose: Callable[[_Context, _State], list[Proposal]]
+    apply: Callable[[_Context, _State, Proposal], _State]
+    forbidden_on: Callable[[Target], str | None] = lambda _t: None
+    free: bool = True
+
+
+REMEDIES: dict[str, Remedy] = {}
+
+
+def register_remedy(remedy: Remedy) -> Remedy:
+    """Add a remedy to the registry (``repair(remedies=[...])`` names them)."""
+    if remedy.name in REMEDIES:
+        raise ConfigError(f"a remedy named {remedy.name!r} is already registered")
+    REMEDIES[remedy.name] = remedy
+    return remedy
+
+
+@dataclass
+class _Context:
+    target: Target
+    calib: list
+    sel_x: torch.Tensor
+    sel_y: torch.Tensor | None
+    sel_ref: torch.Tensor
+    budget: Budget
+    base_cost: float
+    seed: int
+    progress: bool
+    batch_size: int
+    findings: list[Finding] = field(default_factory=list)
+    ranking: dict[str, float] | None = None
+    ranking_for: str | None = None
+
+
+# ---------------------------------------------------------------------- measuring
+def _batches(x: torch.Tensor, bs: int) -> list[torch.Tensor]:
+    return [x[i:i + bs] for i in range(0, len(x), bs)]
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
+    out, _ = predict(model, _batches(x, bs))
+    return out
+
+
+@dataclass
+class _Measure:
+    metric: float
+    kl: float
+    agreement: float
+    cost: float
+    plan_cost: PlanCost | None = None
+
+
+def _build(ctx: _Context, state: _State) -> tuple[SimulatedModel, QuantPlan]:
+    return quantize(state.graph, ctx.calib, state.config, progress=False)
+
+
+def _measure(ctx: _Context, state: _State) -> tuple[_Measure, SimulatedModel]:
+    sim, plan = _build(ctx, state)
+    ctx.target.check(plan)
+    out = _outputs(sim, ctx.sel_x, ctx.batch_size)
+    pc = plan_cost(state.graph, plan, ctx.target)
+    return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _kl(ctx.sel_ref, out),
+                    100 * float((out.argmax(1) == ctx.sel_ref.argmax(1)).float().mean()) if out.dim() == 2 else
+                    float("nan"), pc.total / ctx.base_cost, pc), sim
+
+
+def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return kl_divergence(ref, out) if ref.dim() == 2 else float((ref - out).pow(2).mean() / ref.pow(2).mean())
+
+
+# ---------------------------------------------------------------------- remedies
+def _regime(target: Target) -> list[str]:
+    found = []
+    if not target.per_channel:
+        found.append("per-tensor weights")
+    if target.pow2:
+        found.append("power-of-two scales")
+    if target.default == "w4a8":
+        found.append("4-bit weights")
+    return found
+
+
+def _graph_remedy(name: str, prior_strict: float, prior_plain: float, why: str, fn: Callable[[_Context, _State],
+                  fx.GraphModule]) -> tuple[Callable, Callable]:
+    def propose(ctx: _Context, state: _State) -> list[Proposal]:
+        if any(s["remedy"] == name for s in state.steps):
+            return []
+        prior = prior_strict if _regime(ctx.target) else prior_plain
+        return [Proposal(name, {}, why, prior)]
+
+    def apply(ctx: _Context, state: _State, _p: Proposal) -> _State:
+        return _State(fn(ctx, state), state.config, state.steps + [{"remedy": name, "params": {}}])
+
+    return propose, apply
+
+
+def _equalize(ctx: _Context, state: _State) -> fx.GraphModule:
+    from .passes.equalize import equalize
+
+    return equalize(state.graph).graph
+
+
+def _bias_correction(ctx: _Context, state: _State) -> fx.GraphModule:
+    from .passes.bias_correction import bias_correction
+
+    return bias_correction(state.graph, ctx.calib, state.config).graph
+
+
+def _learned_rounding(ctx: _Context, state: _State) -> fx.GraphModule:
+    from .passes.learned_rounding import learned_rounding
+
+    return learned_rounding(state.graph, ctx.calib, state.config, seed=ctx.seed, progress=ctx.progress).graph
+
+
+for _name, _strict, _plain, _why, _fn, _fixes, _exact in (
+    ("equalize", 0.6, 0.05, "per-channel weight ranges differ widely under one scale (cross-layer equalization)",
+     _equalize, ("per-tensor weights", "power-of-two scales"), True),
+    ("bias_correction", 0.5, 0.1, "weight rounding shifts the mean of layer outputs", _bias_correction,
+     ("per-tensor weights", "power-of-two scales", "4-bit weights", "mean shift"), False),
+    ("learned_rounding", 0.4, 0.05, "round-to-nearest is not the best rounding for the layer's output",
+     _learned_rounding, ("4-bit weights", "per-tensor weights", "power-of-two scales"), False),
+):
+    _p, _a = _graph_remedy(_name, _strict, _plain, _why, _fn)
+    register_remedy(Remedy(_name, _fixes, _exact, "calibration images (no labels)" if _name != "equalize" else
+                           "nothing", False, _why, _p, _a))
+
+
+def _observer_propose(ctx: _Context, state: _State) -> list[Proposal]:
+    if any(s["remedy"] == "observer" for s in state.steps):
+        return []
+    return [Proposal("observer", {"observer": o}, f"activation ranges from the {o} observer clip outliers", 0.1)
+            for o in ("percentile", "mse")]
+
+
+def _observer_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
+    cfg = replace(state.config, activation=replace(state.config.activation, observer=p.params["observer"]))
+    return _State(state.graph, cfg, state.steps + [{"remedy": "observer", "params": p.params}])
+
+
+register_remedy(Remedy("observer", ("activation outliers",), False, "calibration images", False,
+                       "choose activation ranges with a clipping observer", _observer_propose, _observer_apply))
+
+_OVERRIDE = {"int8": {"weight_bits": 8, "act_bits": 8}, "w4a8": {"weight_bits": 4, "act_bits": 8},
+             "a16w8": {"weight_bits": 8, "act_bits": 16}, "int16": {"weight_bits": 16, "act_bits": 16},
+             "fp16": {"dtype": "fp16"}, "float": {"dtype": "float"}}
+_RECOVERY = {"float": 1.0, "fp16": 1.0, "int16": 1.0, "a16w8": 0.8, "int8": 0.9}
+
+
+def _with_format(config: QuantConfig, layer: str, fmt: str) -> QuantConfig:
+    return config.override(layer, **_OVERRIDE[fmt])
+
+
+def _precision_propose(ctx: _Context, state: _State) -> list[Proposal]:
+    wider = [f for f in ctx.target.formats if f != ctx.target.default]
+    if not wider:
+        return []
+    graph_key = json.dumps([s for s in state.steps if s["remedy"] != "precision"], sort_keys=True)
+    if ctx.ranking is None or ctx.ranking_for != graph_key:
+        ctx.ranking = _rank_layers(ctx, state)
+        ctx.ranking_for = graph_key
+    done = {s["params"]["layer"]: s["params"]["format"] for s in state.steps if s["remedy"] == "precision"}
+    sim, plan = _build(ctx, state)
+    base = plan_cost(state.graph, plan, ctx.target).total
+    out = []
+    for layer, gain in ctx.ranking.items():
+        if gain <= 0:
+            continue
+        for fmt in wider:
+            if layer in done and wider.index(done[layer]) >= wider.index(fmt):
+                continue
+            trial_plan = _reformat(plan, layer, fmt, ctx.target)
+            extra = (plan_cost(state.graph, trial_plan, ctx.target).total - base) / ctx.base_cost
+            out.append(Proposal("precision", {"layer": layer, "format": fmt},
+                                f"keeping {layer} float recovers KL {gain:.4g} (float_one, selection images)",
+                                gain * _RECOVERY.get(fmt, 1.0), max(extra, 0.0)))
+    return out
+
+
+def _reformat(plan: QuantPlan, layer: str, fmt: str, target: Target) -> QuantPlan:
+    new = copy.deepcopy(plan)
+    new[layer].weight, new[layer].activation = target.formats_of(fmt, new[layer].weight, new[layer].activation)
+    return new
+
+
+def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
+    """float_one KL sensitivity on (up to) 32 selection images: what keeping each layer float buys."""
+    from .analysis.sensitivity import sensitivity
+
+    sim, _ = _build(ctx, state)
+    x = ctx.sel_x[:32]
+    report = sensitivity(state.graph, None, _batches(x, ctx.batch_size), metric="kl", mode="float_one",
+                         simulated=sim, progress=ctx.progress)
+    ranking = {r.layer: float(r.delta) for r in report.rows}
+    for r in report.rows[:5]:
+        if r.delta > 0:
+            ctx.findings.append(Finding(r.layer, "int8 error", f"kept float, the output KL falls by {r.delta:.4g} "
+                                                                 f"(of {report.baseline:.4g})"))
+    return ranking
+
+
+def _precision_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
+    cfg = _with_format(state.config, p.params["layer"], p.params["format"])
+    return _State(state.graph, cfg, state.steps + [{"remedy": "precision", "params": p.params}])
+
+
+register_remedy(Remedy("precision", ("int8 error",), False, "selection images (ranking)", False,
+                       "run a sensitive layer in a wider format the target allows", _precision_propose,
+                       _precision_apply, free=False,
+                       forbidden_on=lambda t: None if t.mixed else f"target {t.name} runs every layer in "
+                                                                   f"{t.default}"))
+
+
+# ---------------------------------------------------------------------- the result
+@dataclass
+class PartFigures:
+    """Figures on the report part (never used to decide)."""
+
+    images: int
+    float_metric: float
+    baseline_metric: float
+    repaired_metric: float
+    baseline_agreement: float
+    repaired_agreement: float
+    baseline_kl: float
+    repaired_kl: float
+    drop_interval: tuple[float, float] | None
+    one_image: float
+
+
+@dataclass
+class RepairResult:
+    """The repaired model and how it was found. ``graph`` + ``config`` reproduce ``sim``/``plan``;
+    ``reached`` says whether the budget held on the selection part; ``report`` holds the report-part
+    figures (with their resolution)."""
+
+    graph: fx.GraphModule
+    config: QuantConfig
+    plan: QuantPlan
+    sim: SimulatedModel
+    target: str
+    budget: Budget
+    reached: bool
+    steps: list[dict]
+    trials: list[Trial]
+    findings: list[Finding]
+    selection: dict
+    report: PartFigures
+    cost: PlanCost
+    relative_cost: float
+    seconds: dict[str, float]
+    warnings: list[str] = field(default_factory=list)
+    default_format: str = "int8"
+
+    @property
+    def default_mac_share(self) -> float:
+        """Share of the model's MACs in the target's default format (int8 on most targets)."""
+        return self.cost.macs_by_format.get(self.default_format, 0) / max(self.cost.macs, 1)
+
+    def headline(self) -> str:
+        r = self.report
+        m = self.budget.metric_name
+        return (f"{m} on {r.images} report images (1 image = {r.one_image:.2f} pt): float {r.float_metric:.2f}, "
+                f"plain {self.target} {r.baseline_metric:.2f}, repaired {r.repaired_metric:.2f} "
+                f"(drop {r.float_metric - r.repaired_metric:.2f}"
+                + (f", 95 % interval {r.drop_interval[0]:.2f}..{r.drop_interval[1]:.2f}" if r.drop_interval else "")
+                + f"); cost x{self.relative_cost:.3f} of plain; {100 * self.default_mac_share:.1f} % of MACs in "
+                  f"{self.default_format}; "
+                + ("budget met on the selection images" if self.reached else "BUDGET NOT MET: best model found"))
+
+    def to_markdown(self) -> str:
+        r, s = self.report, self.selection
+        lines = [f"# Repair on `{self.target}`, budget {self.budget.max_drop} pt of {self.budget.metric_name}", "",
+                 self.headline(), "",
+                 "| | float | plain | repaired |", "|---|---:|---:|---:|",
+                 f"| {self.budget.metric_name}, report ({r.images} images) | {r.float_metric:.2f} | "
+                 f"{r.baseline_metric:.2f} | {r.repaired_metric:.2f} |",
+                 f"| agreement with float, report | 100 | {r.baseline_agreement:.2f} | {r.repaired_agreement:.2f} |",
+                 f"| KL from float, report | 0 | {r.baseline_kl:.3g} | {r.repaired_kl:.3g} |",
+                 f"| {self.budget.metric_name}, selection ({s['images']} images) | {s['float']:.2f} | "
+                 f"{s['baseline']:.2f} | {s['repaired']:.2f} |", "",
+                 f"Accepted steps: {', '.join(_step_text(x) for x in self.steps) or 'none'}.", "",
+                 f"Cost on the target: {self.cost.summary()}", "", "## Trials (decided on the selection images)", "",
+                 "| # | remedy | params | metric | KL | cost | kept | why | s |",
+                 "|---:|---|---|---:|---:|---:|---|---|---:|"]
+        for i, t in enumerate(self.trials, 1):
+            lines.append(f"| {i} | {t.proposal['remedy']} | {json.dumps(t.proposal['params'])} | "
+                         f"{t.metric_before:.2f} -> {t.metric_after:.2f} | {t.kl_before:.3g} -> {t.kl_after:.3g} | "
+                         f"x{t.cost:.3f} | {'yes' if t.accepted else 'no'} | {t.reason} | "
+                         f"{t.seconds:.1f}{' (cached)' if t.cached else ''} |")
+        if self.findings:
+            lines += ["", "## Findings", ""] + [f"- `{f.layer}`: {f.symptom} ({f.evidence})" for f in self.findings]
+        if self.warnings:
+            lines += ["", "## Warnings", ""] + [f"- {w}" for w in self.warnings]
+        lines += ["", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())]
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str | Path) -> Path:
+        """Selection metric and KL after each trial (kept trials joined)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        xs = list(range(len(self.trials) + 1))
+        kl = [self.trials[0].kl_before if self.trials else self.report.repaired_kl] + [t.kl_after for t in self.trials]
+        ax.plot(xs, kl, "o", c="#bbbbbb", label="tried")
+        kept = [0] + [i + 1 for i, t in enumerate(self.trials) if t.accepted]
+        ax.plot(kept, [kl[i] for i in kept], "o-", c="#c0504d", label="kept")
+        ax.set_yscale("log")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("KL from float (selection images)")
+        ax.set_title(f"repair on {self.target}")
+        ax.legend()
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the repaired graph, its config and plan, and the record; :func:`qsurgery.load` reads it back."""
+        from .io import save
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save(self.graph, directory / "graph.pt")
+        torch.save(self.config, directory / "config.pt")
+        self.plan.to_json(directory / "plan.json")
+        (directory / "repair.md").write_text(self.to_markdown())
+        (directory / "repair.json").write_text(json.dumps(self._record(), indent=1, default=str))
+        return directory
+
+    def _record(self) -> dict:
+        return {"target": self.target, "budget": {"max_drop": self.budget.max_drop, "metric": self.budget.metric_name,
+                                                  "max_cost": self.budget.max_cost},
+                "reached": self.reached, "steps": self.steps, "trials": [asdict(t) for t in self.trials],
+                "findings": [asdict(f) for f in self.findings], "selection": self.selection,
+                "report": asdict(self.report), "relative_cost": self.relative_cost, "cost": self.cost.to_dict(),
+                "seconds": self.seconds, "warnings": self.warnings, "default_mac_share": self.default_mac_share}
+
+    def export_onnx(self, path: str | Path, example_inputs: torch.Tensor, **kwargs: Any):
+        """The repaired model as QDQ ONNX, verified against the simulation and the integer twin."""
+        from .export import export_onnx
+
+        return export_onnx(self.sim, path, example_inputs, **kwargs)
+
+
+def _step_text(step: dict) -> str:
+    return step["remedy"] + (f"({', '.join(f'{k}={v}' for k, v in step['params'].items())})" if step["params"] else "")
+
+
+# ---------------------------------------------------------------------- data
+def _materialise(data: Any, n_inputs: int, what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Inputs and labels (None unless every batch has them) of ``data``: a tensor, ``(inputs, labels)``, a
+    Dataset of ``(image, label)`` or an iterable of batches."""
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data) \
+            and data[0].dim() > 1 and data[1].dim() == 1 and len(data[0]) == len(data[1]):
+        return data[0], data[1]
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=32)
+    xs, ys, labeled = [], [], True
+    for i, batch in enumerate(data if not isinstance(data, torch.Tensor) else [data]):
+        if isinstance(batch, torch.Tensor):
+            xs.append(batch)
+            labeled = False
+        elif isinstance(batch, (tuple, list)) and len(batch) > n_inputs and isinstance(batch[n_inputs], torch.Tensor):
+            xs.append(batch[0])
+            ys.append(torch.as_tensor(batch[n_inputs]))
+        elif isinstance(batch, (tuple, list)) and batch:
+            xs.append(batch[0])
+            labeled = False
+        else:
+            raise DataError(f"{what} batch {i} is a {type(batch).__name__}; expected a tensor or (inputs, labels)")
+    if not xs:
+        raise DataError(f"{what} data is empty")
+    x = torch.cat(xs)
+    y = torch.cat(ys) if labeled and ys else None
+    if y is not None and (y < 0).any():
+        y = None
+    return x, y
+
+
+def _fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(p, nn.Module):
+            h.update(str(getattr(p, "code", type(p).__name__)).encode())
+            for k, v in p.state_dict().items():
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def _paired_interval(correct_a: torch.Tensor, correct_b: torch.Tensor) -> tuple[float, float]:
+    d = (correct_a.float() - correct_b.float()) * 100
+    half = 1.96 * float(d.std(unbiased=True)) / math.sqrt(len(d)) if len(d) > 1 else math.inf
+    return float(d.mean()) - half, float(d.mean()) + half
+
+
+# ---------------------------------------------------------------------- the engine
+def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget: Budget | None = None,
+           target: str | Target | dict = "generic", remedies: Sequence[str] | None = None, selection: float = 0.5,
+           max_trials: int = 24, min_gain: float = 0.02, out_dir: str | Path | None = None, seed: int = 0,
+           batch_size: int = 50, progress: bool = True) -> RepairResult:
+    """The cheapest quantized version of ``model_or_graph`` on ``target`` that keeps ``budget``.
+
+    ``calib_data``: calibration batches (inputs; labels ignored). ``eval_data``: evaluation images with
+    labels for ``top1`` (a ``(inputs, labels)`` pair of tensors, a Dataset or batches); ``selection`` of
+    them (seeded) decide, the rest report. ``remedies``: names from :data:`REMEDIES` (default: every one
+    the target allows). A trial is kept when it lowers the selection KL by at least ``min_gain`` (relative).
+    ``out_dir``: where trials are kept for resuming (and the result saved)."""
+    t_start = time.perf_counter()
+    budget = budget or Budget()
+    if not isinstance(budget, Budget):
+        raise RepairError(f"budget must be a qsurgery.Budget, got {type(budget).__name__}")
+    target = get_target(target)
+    names = list(REMEDIES) if remedies is None else list(remedies)
+    unknown = [n for n in names if n not in REMEDIES]
+    if unknown:
+        raise RepairError(f"unknown remedy {unknown[0]!r}; known: {sorted(REMEDIES)}")
+    forbidden = {n: REMEDIES[n].forbidden_on(target) for n in names}
+    if remedies is not None:
+        bad = {n: why for n, why in forbidden.items() if why}
+        if bad:
+            n, why = next(iter(bad.items()))
+            raise RepairError(f"remedy {n!r} is not allowed on target {target.name}: {why}")
+    names = [n for n in names if not forbidden[n]]
+    if not 0 < selection < 1:
+        raise RepairError(f"selection must be a share in (0, 1), got {selection!r}")
+    if max_trials < 0:
+        raise RepairError(f"max_trials must be >= 0, got {max_trials}")
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise RepairError(f"out_dir {out_dir} exists and is not a folder")
+    # capture (the user's model is never changed)
+    if isinstance(model_or_graph, fx.GraphModule) and model_or_graph.meta.get("qsurgery_input_shapes"):
+        graph = model_or_graph
+    else:
+        x0 = next(iter(iter_inputs(calib_data if not isinstance(calib_data, torch.utils.data.Dataset)
+                                   else torch.utils.data.DataLoader(calib_data, batch_size=1))))
+        graph = capture(model_or_graph, tuple(t[:1] for t in x0))
+    calib = [tuple(b) for b in iter_inputs(
+        calib_data if not isinstance(calib_data, torch.utils.data.Dataset)
+        else torch.utils.data.DataLoader(calib_data, batch_size=batch_size),
+        1, expected_shapes=graph.meta.get("qsurgery_input_shapes"), what="calibration")]
+    x, y = _materialise(eval_data, 1, "evaluation")
+    if budget.metric == "top1" and y is None:
+        raise RepairError("budget metric 'top1' needs labeled evaluation data; give (images, labels) or use "
+                          "Budget(metric='agreement')")
+    n_sel = int(round(selection * len(x)))
+    if n_sel < 1 or len(x) - n_sel < 1:
+        raise RepairError(f"{len(x)} evaluation image(s) cannot be split into selection and report parts")
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    sel_idx, rep_idx = perm[:n_sel], perm[n_sel:]
+    warnings_: list[str] = []
+    for part, n in (("selection", n_sel), ("report", len(x) - n_sel)):
+        if not callable(budget.metric) and 100 / n > budget.max_drop:
+            warnings_.append(f"the {part} part has {n} images: one image moves {budget.metric_name} by "
+                             f"{100 / n:.2f} points, more than the {budget.max_drop}-point budget")
+
+    # resumable record
+    args_key = {"model": _fingerprint(graph), "calib": _fingerprint(*[t for b in calib for t in b]),
+                "eval": _fingerprint(x, y if y is not None else torch.zeros(0)),
+                "budget": [budget.max_drop, budget.metric_name, budget.max_cost], "target": target.to_dict(),
+                "remedies": names, "selection": selection, "seed": seed, "min_gain": min_gain}
+    args_key = json.loads(json.dumps(args_key))  # as it reads back from run.json (tuples become lists)
+    cache: dict[str, dict] = {}
+    log_path = None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run_file, log_path = out_dir / "run.json", out_dir / "trials.jsonl"
+        if run_file.exists():
+            old = json.loads(run_file.read_text())
+            diff = [k for k in args_key if old.get(k) != args_key[k]]
+            if diff:
+                raise RepairError(f"{out_dir} holds a repair run with other arguments ({', '.join(diff)} differ): "
+                                  "use another out_dir, or delete it to start over")
+            if log_path.exists():
+                for line in log_path.read_text().splitlines():
+                    if line.strip():
+                        rec = json.loads(line)
+                        cache[rec["key"]] = rec
+        else:
+            run_file.write_text(json.dumps(args_key, indent=1))
+
+    t0 = time.perf_counter()
+    sel_x, rep_x = x[sel_idx], x[rep_idx]
+    sel_y = y[sel_idx] if y is not None else None
+    rep_y = y[rep_idx] if y is not None else None
+    sel_ref = _outputs(graph, sel_x, batch_size)
+    rep_ref = _outputs(graph, rep_x, batch_size)
+    config0 = target.config()
+    state = _State(graph, config0, [])
+    sim0, plan0 = quantize(graph, calib, config0, progress=False)
+    base_cost = plan_cost(graph, plan0, target).total
+    ctx = _Context(target, calib, sel_x, sel_y, sel_ref, budget, base_cost, seed, progress, batch_size)
+    for symptom in _regime(target):
+        ctx.findings.append(Finding("*", symptom, f"the target {target.name} requires it for every layer"))
+    float_sel = score(sel_ref, sel_y, budget.metric, sel_ref)
+    current, sim = _measure(ctx, state)
+    seconds = {"set-up and baseline": time.perf_counter() - t0}
+
+    def holds(m: _Measure) -> bool:
+        return float_sel - m.metric <= budget.max_drop and (budget.max_cost is None or m.cost <= budget.max_cost)
+
+    trials: list[Trial] = []
+    tried: set[str] = set()
+    t1 = time.perf_counter()
+    bar = tqdm(total=max_trials, desc=f"repair ({target.name})", unit="trial", disable=not progress, leave=False)
+    while len(trials) < max_trials and not holds(current):
+        proposals = []
+        for n in names:
+            remedy = REMEDIES[n]
+            if not remedy.free and any(REMEDIES[m].free and _pending(m, ctx, state, tried) for m in names):
+                continue  # costed remedies wait until the free ones are spent
+            proposals += [p for p in remedy.propose(ctx, state) if p.key not in tried]
+        if budget.max_cost is not None:
+            proposals = [p for p in proposals if 1 + p.cost <= budget.max_cost]
+        if not proposals:
+            break
+        p = max(proposals, key=lambda q: (q.expected_gain / max(q.cost, 1e-3) if q.cost > 0 else math.inf,
+                                          q.expected_gain))
+        key = _trial_key(state, p)
+        tried.add(p.key)
+        t = time.perf_counter()
+        new_state = REMEDIES[p.remedy].apply(ctx, state, p)
+        rec = cache.get(key)
+        if rec is not None:
+            after = _Measure(**rec["measure"])
+            new_sim = None
+        else:
+            after, new_sim = _measure(ctx, new_state)
+        accepted = after.kl < current.kl * (1 - min_gain) and (budget.max_cost is None or after.cost <= budget.max_cost)
+        reason = (f"KL {current.kl:.4g} -> {after.kl:.4g}" + (" (kept)" if accepted else
+                                                             f" (needs a {100 * min_gain:.0f} % fall)"))
+        trial = Trial({"remedy": p.remedy, "params": p.params, "why": p.why}, current.metric, after.metric,
+                      current.kl, after.kl, after.cost, accepted, reason, time.perf_counter() - t, rec is not None)
+        trials.append(trial)
+        if log_path is not None and rec is None:
+            with log_path.open("a") as f:
+                f.write(json.dumps({"key": key, "measure": {k: v for k, v in asdict(after).items()
+                                                            if k != "plan_cost"}, "trial": asdict(trial)}) + "\n")
+        bar.update(1)
+        bar.set_postfix_str(f"{p.remedy}: KL {after.kl:.4f} {'kept' if accepted else 'dropped'}")
+        if accepted:
+            state, current = new_state, after
+            sim = new_sim
+    bar.close()
+    seconds["trials"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    if sim is None or sim.plan is None or current.plan_cost is None:
+        current, sim = _measure(ctx, state)
+    plan = sim.plan
+    base_rep = _outputs(sim0, rep_x, batch_size)
+    fixed_rep = _outputs(sim, rep_x, batch_size)
+    f_rep = score(rep_ref, rep_y, budget.metric, rep_ref)
+    interval = None
+    if budget.metric == "top1":
+        interval = _paired_interval(rep_ref.argmax(1) == rep_y, fixed_rep.argmax(1) == rep_y)
+    elif budget.metric == "agreement":
+        interval = _paired_interval(torch.ones(len(rep_x), dtype=torch.bool), fixed_rep.argmax(1) == rep_ref.argmax(1))
+
+    def agree(o: torch.Tensor) -> float:
+        return 100 * float((o.argmax(1) == rep_ref.argmax(1)).float().mean()) if o.dim() == 2 else float("nan")
+
+    report = PartFigures(len(rep_x), f_rep, score(base_rep, rep_y, budget.metric, rep_ref),
+                         score(fixed_rep, rep_y, budget.metric, rep_ref), agree(base_rep), agree(fixed_rep),
+                         _kl(rep_ref, base_rep), _kl(rep_ref, fixed_rep), interval, 100 / len(rep_x))
+    base_measure = _Measure(trials[0].metric_before, trials[0].kl_before, 0, 1.0) if trials else current
+    seconds["report"] = time.perf_counter() - t2
+    seconds["total"] = time.perf_counter() - t_start
+    result = RepairResult(state.graph, state.config, plan, sim, target.name, budget, holds(current), state.steps,
+                          trials, ctx.findings, {"images": n_sel, "float": float_sel,
+                                                 "baseline": base_measure.metric, "repaired": current.metric,
+                                                 "kl_baseline": base_measure.kl, "kl_repaired": current.kl},
+                          report, current.plan_cost, current.cost, seconds, warnings_, target.default)
+    if out_dir is not None:
+        result.save(out_dir / "result")
+    return result
+
+
+def _trial_key(state: _State, p: Proposal) -> str:
+    return hashlib.sha256(json.dumps([state.steps, p.key], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _pending(name: str, ctx: _Context, state: _State, tried: set[str]) -> bool:
+    return any(p.key not in tried for p in REMEDIES[name].propose(ctx, state))

@@ -1,0 +1,175 @@
+"""The recipe engine: decisions on the selection images only, remedies the target allows, costs, resume,
+save/load, the CLI, and clear errors before any expensive work."""
+
+import json
+
+import pytest
+import torch
+from test_techniques import DepthwiseNet, images
+from torch import nn
+
+import qsurgery
+from qsurgery import Budget, RepairError, repair
+from qsurgery.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    m = DepthwiseNet().eval()
+    calib = [images(32) for _ in range(2)]
+    x = images(160)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    return m, calib, x, y
+
+
+FAST = ["equalize", "bias_correction", "observer"]
+
+
+def test_stops_at_once_when_the_plain_model_keeps_the_budget(net):
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(100.0, "top1"), target="generic", progress=False)
+    assert r.reached and r.trials == [] and r.steps == [] and r.relative_cost == pytest.approx(1.0)
+
+
+def test_repairs_a_strict_target_without_leaving_int8(net):
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST,
+               progress=False)
+    assert r.trials and r.steps and r.steps[0]["remedy"] == "equalize"
+    assert r.selection["kl_repaired"] < 0.5 * r.selection["kl_baseline"]
+    assert r.report.repaired_kl < r.report.baseline_kl
+    assert r.default_mac_share == 1.0 and r.cost.non_int8_layers == []  # every layer int8
+    assert r.selection["images"] + r.report.images == len(x)  # disjoint parts, nothing dropped
+    assert r.report.one_image == pytest.approx(100 / r.report.images)
+    kept = [t for t in r.trials if t.accepted]
+    assert all(t.kl_after < t.kl_before for t in kept)
+    assert "| # | remedy |" in r.to_markdown() and "report" in r.headline()
+
+
+def test_decisions_never_see_the_report_images(net, monkeypatch):
+    """Change every report image's label: the steps taken stay the same, only the reported figures move."""
+    m, calib, x, y = net
+    a = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST,
+               progress=False, seed=1)
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
+    report_idx = perm[int(round(0.5 * len(x))):]
+    y2 = y.clone()
+    y2[report_idx] = (y2[report_idx] + 1) % 10
+    b = repair(m, calib, (x, y2), budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST,
+               progress=False, seed=1)
+    assert a.steps == b.steps and [t.kl_after for t in a.trials] == [t.kl_after for t in b.trials]
+    assert a.report.repaired_metric != b.report.repaired_metric
+
+
+def test_widens_layers_only_where_the_target_allows_and_prices_them(net):
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int16", remedies=["precision"],
+               max_trials=3, progress=False)
+    widened = [t for t in r.trials if t.proposal["remedy"] == "precision"]
+    assert widened and all(t.proposal["params"]["format"] in ("a16w8", "int16") for t in widened)
+    assert all(t.cost > 1.0 for t in widened)  # every widening costs on the target
+    with pytest.raises(RepairError, match="not allowed on target full-int8"):
+        repair(m, calib, (x, y), target="full-int8", remedies=["precision"], progress=False)
+
+
+def test_cost_cap_is_never_exceeded(net):
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1", max_cost=1.0), target="per-tensor-int16",
+               max_trials=4, remedies=["precision", "observer"], progress=False)
+    assert r.relative_cost <= 1.0 and all(t.proposal["remedy"] != "precision" for t in r.trials)
+
+
+def test_resumes_from_its_trial_log_and_refuses_other_arguments(net, tmp_path):
+    m, calib, x, y = net
+    kwargs = dict(budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST, progress=False)
+    a = repair(m, calib, (x, y), out_dir=tmp_path, **kwargs)
+    log = (tmp_path / "trials.jsonl").read_text().splitlines()
+    assert len(log) == len(a.trials)
+    # an interrupted run: only the first trial was written
+    (tmp_path / "trials.jsonl").write_text(log[0] + "\n")
+    b = repair(m, calib, (x, y), out_dir=tmp_path, **kwargs)
+    assert b.steps == a.steps and b.trials[0].cached and not b.trials[-1].cached
+    assert [t.kl_after for t in b.trials] == pytest.approx([t.kl_after for t in a.trials])
+    with torch.no_grad():
+        assert torch.equal(a.sim(x[:8]), b.sim(x[:8]))
+    with pytest.raises(RepairError, match="budget differ"):
+        repair(m, calib, (x, y), out_dir=tmp_path, **{**kwargs, "budget": Budget(0.5, "top1")})
+
+
+def test_saved_result_reloads_to_the_same_outputs(net, tmp_path):
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST,
+               progress=False)
+    folder = r.save(tmp_path / "saved")
+    graph = qsurgery.load(folder / "graph.pt")
+    config = torch.load(folder / "config.pt", weights_only=False)
+    sim, plan = qsurgery.quantize(graph, calib, config, progress=False)
+    with torch.no_grad():
+        assert torch.equal(sim(x[:16]), r.sim(x[:16]))
+    assert plan.names() == r.plan.names()
+    record = json.loads((folder / "repair.json").read_text())
+    assert record["steps"] == r.steps and len(record["trials"]) == len(r.trials)
+
+
+def test_bad_input_is_refused_before_any_work(net, tmp_path):
+    m, calib, x, y = net
+    with pytest.raises(RepairError, match="needs labeled"):
+        repair(m, calib, x, budget=Budget(1.0, "top1"), progress=False)
+    with pytest.raises(RepairError, match="unknown remedy 'magic'"):
+        repair(m, calib, (x, y), remedies=["magic"], progress=False)
+    with pytest.raises(ConfigError, match="unknown target"):
+        repair(m, calib, (x, y), target="tpu9000", progress=False)
+    with pytest.raises(RepairError, match="max_drop"):
+        Budget(-1.0)
+    with pytest.raises(RepairError, match="metric"):
+        Budget(1.0, "accuracy")
+    with pytest.raises(RepairError, match="selection"):
+        repair(m, calib, (x, y), selection=1.0, progress=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RepairError, match="not a folder"):
+        repair(m, calib, (x, y), out_dir=tmp_path / "file", progress=False)
+    with pytest.raises(qsurgery.CaptureError):
+        class Untraceable(nn.Module):
+            def forward(self, x):
+                return x * 2 if x.sum() > 0 else x
+
+        repair(Untraceable(), calib, (x, y), progress=False)
+
+
+def test_small_evaluation_sets_warn_with_their_resolution(net):
+    m, calib, x, y = net
+    r = repair(m, calib, (x[:40], y[:40]), budget=Budget(1.0, "top1"), max_trials=0, progress=False)
+    assert any("one image moves top1 by 5.00 points" in w for w in r.warnings)
+
+
+def test_agreement_budget_needs_no_labels(net):
+    m, calib, x, _ = net
+    r = repair(m, calib, x, budget=Budget(0.0, "agreement"), target="per-tensor-int8", remedies=["equalize"],
+               progress=False)
+    assert r.report.float_metric == 100.0 and r.trials
+
+
+def test_cli_repair_writes_report_model_and_verified_onnx(tmp_path, capsys):
+    from qsurgery.cli import main
+
+    code = main(["repair", "--model", "resnet18", "--input-size", "32", "--calib", "4", "--eval", "16",
+                 "--batch-size", "8", "--quiet", "--out", str(tmp_path / "out"), "--remedy", "equalize",
+                 "--budget", "100", "--target", "per-tensor-int8"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    names = {p.name for p in (tmp_path / "out").iterdir()}
+    assert {"report.md", "report.html", "repair.png", "run.json", "result", "repaired_qdq.onnx"} <= names
+    assert "result" in out and "onnx" in out
+
+
+def test_cli_repair_checks_arguments_first(tmp_path, capsys):
+    from qsurgery.cli import main
+
+    (tmp_path / "f").write_text("x")
+    assert main(["repair", "--out", str(tmp_path / "f"), "--quiet"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert main(["repair", "--remedy", "magic", "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "unknown --remedy 'magic'" in capsys.readouterr().err
+    assert main(["repair", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2

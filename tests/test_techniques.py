@@ -1,0 +1,204 @@
+"""Cross-layer equalization, bias correction and learned rounding: exactness, the defects they fix, formats,
+determinism, the export carrying them, and bad input."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from torch import nn
+
+import qsurgery
+from qsurgery import QuantConfig
+from qsurgery.errors import CalibrationError, ConfigError
+from qsurgery.graph import WEIGHT_SCALES, ChannelClip
+from qsurgery.passes import bias_correction, equalize, find_pairs, learned_rounding
+
+
+class DepthwiseNet(nn.Module):
+    """conv -> BN -> act -> depthwise -> BN -> act -> 1x1 -> BN -> pool -> linear, with a known defect: half of
+    the depthwise channels come out of BN ``spread`` times larger and the 1x1 conv reads them ``spread`` times
+    weaker (the same function with ReLU; after BN folding one per-tensor scale cannot serve both halves)."""
+
+    def __init__(self, act: type = nn.ReLU, spread: float = 30.0):
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), act()
+        self.dw, self.b2, self.a2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), act()
+        self.pw, self.b3 = nn.Conv2d(16, 24, 1), nn.BatchNorm2d(24)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(24, 10)
+        with torch.no_grad():
+            for bn in (self.b1, self.b2, self.b3):
+                bn.running_mean.uniform_(-0.2, 0.2)
+                bn.running_var.uniform_(0.5, 2.0)
+                bn.bias.uniform_(-0.1, 0.3)
+            self.b2.weight[::2] *= spread
+            self.b2.bias[::2] *= spread
+            self.pw.weight[:, ::2] /= spread
+            self.fc.weight *= 5
+            # centre the logits on typical inputs, so that predictions vary from image to image
+            self.eval()
+            self.fc.bias -= self.forward(images(64)).mean(0)
+
+    def forward(self, x):
+        x = self.a1(self.b1(self.c1(x)))
+        x = self.a2(self.b2(self.dw(x)))
+        x = self.b3(self.pw(x))
+        return self.fc(self.pool(x).flatten(1))
+
+
+def images(n: int) -> torch.Tensor:
+    """Noise images whose colour balance differs from image to image (so pooled features differ)."""
+    return torch.randn(n, 3, 16, 16) + 1.5 * torch.randn(n, 3, 1, 1)
+
+
+def _setup(act=nn.ReLU):
+    torch.manual_seed(0)
+    m = DepthwiseNet(act).eval()
+    x = images(1)
+    graph = qsurgery.capture(m, x)
+    calib = [images(32) for _ in range(2)]
+    test = images(64)
+    return m, graph, calib, test
+
+
+def _err(graph, transformed, calib, test, config):
+    """Relative output error of ``transformed`` quantized by ``config``, against float ``graph``."""
+    sim, _ = qsurgery.quantize(transformed, calib, config, progress=False)
+    with torch.no_grad():
+        ref = graph(test)
+        return float((sim(test) - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+def _params(g):
+    return {k: v.clone() for k, v in g.state_dict().items()}
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6, nn.Identity, nn.LeakyReLU])
+def test_equalize_is_exact_in_float_and_balances_channel_ranges(act):
+    _, graph, calib, test = _setup(act)
+    before = _params(graph)
+    result = equalize(graph, check_data=calib)
+    assert result.exact and result.float_error < 1e-5
+    with torch.no_grad():
+        assert torch.allclose(graph(test), result.graph(test), rtol=1e-4, atol=1e-5)
+    pairs = {(c["first"], c["second"]) for c in result.changes}
+    assert pairs == {("c1", "dw"), ("dw", "pw"), ("pw", "fc")}  # through pool + flatten into the classifier
+    def spread(g):
+        w = g.get_submodule("dw").weight.detach().abs().reshape(16, -1).amax(1)
+        return float(w.max() / w.min())
+
+    folded = qsurgery.quantize(graph, calib, QuantConfig.int8(), progress=False)[0].weights("dw")[0]
+    before_spread = float(folded.abs().reshape(16, -1).amax(1).max() / folded.abs().reshape(16, -1).amax(1).min())
+    assert spread(result.graph) < before_spread / 20
+    assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())  # input untouched
+    clips = [m for m in result.graph.modules() if isinstance(m, ChannelClip)]
+    assert len(clips) == (2 if act is nn.ReLU6 else 0)
+
+
+def test_equalize_recovers_per_tensor_and_pow2_weights():
+    _, graph, calib, test = _setup()
+    eq = equalize(graph).graph
+    for config in (QuantConfig.int8(per_channel=False), QuantConfig.pow2_int8()):
+        assert _err(graph, eq, calib, test, config) < 0.5 * _err(graph, graph, calib, test, config)
+
+
+def test_equalize_skip_relu6_and_reasons():
+    _, graph, _, _ = _setup(nn.ReLU6)
+    pairs, skipped = find_pairs(graph, relu6="skip")
+    assert [(p.first, p.second) for p in pairs] == [("pw", "fc")]
+    assert "clips" in skipped["c1"] and "clips" in skipped["dw"]
+    with pytest.raises(ConfigError, match="relu6"):
+        equalize(graph, relu6="sometimes")
+
+
+@pytest.mark.parametrize("name", ["tf_efficientnet_lite0", "mobilenetv2_050", "resnet18", "mobilenetv3_small_050"])
+def test_equalize_is_exact_on_real_architectures(name):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    graph = qsurgery.capture(model, x[:1])
+    result = equalize(graph, check_data=[x])
+    assert result.float_error < 1e-4, name
+    if name != "resnet18":
+        assert result.changes, name  # every depthwise family has pairs
+
+
+def test_bias_correction_removes_the_mean_shift():
+    _, graph, calib, test = _setup()
+    config = QuantConfig.int8(per_channel=False)
+    result = bias_correction(graph, calib, config)
+    assert result.changes and not result.exact
+    sim0, _ = qsurgery.quantize(graph, calib, config, progress=False)
+    sim1, _ = qsurgery.quantize(result.graph, calib, config, progress=False)
+    with torch.no_grad():
+        ref = graph(test)
+        shift0 = (sim0(test) - ref).mean(0).abs().mean()
+        shift1 = (sim1(test) - ref).mean(0).abs().mean()
+    assert shift1 < 0.5 * shift0
+    assert _err(graph, result.graph, calib, test, config) < _err(graph, graph, calib, test, config)
+
+
+def _w4():
+    cfg = QuantConfig.int8()
+    return replace(cfg, weight=replace(cfg.weight, bits=4), name="w4a8")
+
+
+def test_learned_rounding_beats_nearest_and_keeps_its_integers():
+    _, graph, calib, test = _setup()
+    config = _w4()
+    result = learned_rounding(graph, calib, config, iters=150, progress=False)
+    assert result.changes and result.float_error < 1.0
+    assert _err(graph, result.graph, calib, test, config) < _err(graph, graph, calib, test, config)
+    sim, plan = qsurgery.quantize(result.graph, calib, config, progress=False)
+    pins = result.graph.meta[WEIGHT_SCALES]
+    for change in result.changes:
+        name = change["layer"]
+        snapped = result.graph.get_submodule(plan[name].module).weight
+        _float, quantized = sim.weights(name)
+        assert torch.equal(quantized, snapped), name  # the simulation holds exactly the chosen integers
+        assert torch.equal(pins[plan[name].module][1], plan[name].weight_scale)
+        assert any("learned rounding" in note for note in plan[name].notes)
+
+
+def test_learned_rounding_is_deterministic_and_serves_every_weight_grid():
+    _, graph, calib, _ = _setup()
+    a = learned_rounding(graph, calib, _w4(), iters=40, seed=3, progress=False)
+    b = learned_rounding(graph, calib, _w4(), iters=40, seed=3, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.graph.state_dict().values(), b.graph.state_dict().values()))
+    for config in (QuantConfig.int8(per_channel=False), QuantConfig.pow2_int8()):
+        r = learned_rounding(graph, calib, config, iters=40, progress=False)
+        sim, plan = qsurgery.quantize(r.graph, calib, config, progress=False)
+        for change in r.changes:
+            name = change["layer"]
+            assert torch.equal(sim.weights(name)[1], r.graph.get_submodule(plan[name].module).weight)
+
+
+def test_learned_rounding_says_which_layers_it_cannot_fit():
+    _, graph, calib, _ = _setup()
+    few = [torch.randn(4, 3, 16, 16)]  # 4 rows for the classifier's 24 weights per output
+    r = learned_rounding(graph, few, _w4(), iters=5, progress=False)
+    assert any("fc" in n and "too few" in n for n in r.notes)
+    with pytest.raises(ConfigError, match="no quantized layer"):
+        learned_rounding(graph, calib, _w4(), layers=["nope"], progress=False)
+    with pytest.raises(CalibrationError):
+        learned_rounding(graph, [], _w4(), progress=False)
+    with pytest.raises(CalibrationError, match="NaN"):
+        bias_correction(graph, [torch.full((2, 3, 16, 16), float("nan"))])
+
+
+def test_techniques_survive_save_load_and_export(tmp_path):
+    _, graph, calib, test = _setup()
+    config = QuantConfig.int8(per_channel=False)
+    g = learned_rounding(bias_correction(equalize(graph).graph, calib, config).graph, calib, config, iters=30,
+                         progress=False).graph
+    path = qsurgery.save(g, tmp_path / "g.pt")
+    again = qsurgery.load(path)
+    sim_a, plan_a = qsurgery.quantize(g, calib, config, progress=False)
+    sim_b, plan_b = qsurgery.quantize(again, calib, config, progress=False)
+    assert plan_a.names() == plan_b.names()
+    with torch.no_grad():
+        assert torch.equal(sim_a(test), sim_b(test))
+    report = qsurgery.export_onnx(sim_b, tmp_path / "q.onnx", test[:1], verify_inputs=[test[:8]])
+    assert report.max_error_steps is not None and report.max_error_steps <= 1.0
+    assert report.top1_agreement == 1.0
