@@ -270,14 +270,19 @@ for _name, _strict, _plain, _why, _fn, _fixes, _exact in (
 
 
 def _observer_propose(ctx: _Context, state: _State) -> list[Proposal]:
-    if any(s["remedy"] == "observer" for s in state.steps):
-        return []
-    return [Proposal("observer", {"observer": o}, f"activation ranges from the {o} observer clip outliers", 0.1)
-            for o in ("percentile", "mse")]
+    out = [Proposal("observer", {"observer": o}, f"activation ranges from the {o} observer clip outliers", 0.1)
+           for o in ("percentile", "mse")]
+    prior = 0.45 if state.config.weight.bits < 8 else 0.05  # before learned rounding, which keeps scales
+    return out + [Proposal("observer", {"weight_observer": "mse"}, "weight scales that minimise the rounding error "
+                           "(clip the largest weights)", prior)]
 
 
 def _observer_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
-    cfg = replace(state.config, activation=replace(state.config.activation, observer=p.params["observer"]))
+    cfg = state.config
+    if "observer" in p.params:
+        cfg = replace(cfg, activation=replace(cfg.activation, observer=p.params["observer"]))
+    if "weight_observer" in p.params:
+        cfg = replace(cfg, weight=replace(cfg.weight, observer=p.params["weight_observer"]))
     return _State(state.graph, cfg, state.steps + [{"remedy": "observer", "params": p.params}])
 
 
@@ -549,13 +554,15 @@ def _paired_interval(correct_a: torch.Tensor, correct_b: torch.Tensor) -> tuple[
 # ---------------------------------------------------------------------- the engine
 def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget: Budget | None = None,
            target: str | Target | dict = "generic", remedies: Sequence[str] | None = None, selection: float = 0.5,
-           max_trials: int = 24, min_gain: float = 0.02, out_dir: str | Path | None = None, seed: int = 0,
-           batch_size: int = 50, progress: bool = True) -> RepairResult:
+           report_data: Any = None, max_trials: int = 24, min_gain: float = 0.02,
+           out_dir: str | Path | None = None, seed: int = 0, batch_size: int = 50,
+           progress: bool = True) -> RepairResult:
     """The cheapest quantized version of ``model_or_graph`` on ``target`` that keeps ``budget``.
 
     ``calib_data``: calibration batches (inputs; labels ignored). ``eval_data``: evaluation images with
     labels for ``top1`` (a ``(inputs, labels)`` pair of tensors, a Dataset or batches); ``selection`` of
-    them (seeded) decide, the rest report. ``remedies``: names from :data:`REMEDIES` (default: every one
+    them (seeded) decide, the rest report; with ``report_data`` (a fixed test set) all of ``eval_data``
+    decides and ``report_data`` reports. ``remedies``: names from :data:`REMEDIES` (default: every one
     the target allows). A trial is kept when it lowers the selection KL by at least ``min_gain`` (relative).
     ``out_dir``: where trials are kept for resuming (and the result saved)."""
     t_start = time.perf_counter()
@@ -597,10 +604,19 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     if budget.metric == "top1" and y is None:
         raise RepairError("budget metric 'top1' needs labeled evaluation data; give (images, labels) or use "
                           "Budget(metric='agreement')")
-    n_sel = int(round(selection * len(x)))
+    if report_data is not None:
+        xr, yr = _materialise(report_data, 1, "report")
+        if budget.metric == "top1" and yr is None:
+            raise RepairError("budget metric 'top1' needs labels in report_data too")
+        n_sel = len(x)
+        x = torch.cat([x, xr])
+        y = torch.cat([y, yr]) if y is not None and yr is not None else None
+        perm = torch.arange(len(x))
+    else:
+        n_sel = int(round(selection * len(x)))
+        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     if n_sel < 1 or len(x) - n_sel < 1:
         raise RepairError(f"{len(x)} evaluation image(s) cannot be split into selection and report parts")
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     sel_idx, rep_idx = perm[:n_sel], perm[n_sel:]
     warnings_: list[str] = []
     for part, n in (("selection", n_sel), ("report", len(x) - n_sel)):
@@ -612,7 +628,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     args_key = {"model": _fingerprint(graph), "calib": _fingerprint(*[t for b in calib for t in b]),
                 "eval": _fingerprint(x, y if y is not None else torch.zeros(0)),
                 "budget": [budget.max_drop, budget.metric_name, budget.max_cost], "target": target.to_dict(),
-                "remedies": names, "selection": selection, "seed": seed, "min_gain": min_gain}
+                "remedies": names, "selection": selection if report_data is None else "all (report_data given)",
+                "seed": seed, "min_gain": min_gain}
     args_key = json.loads(json.dumps(args_key))  # as it reads back from run.json (tuples become lists)
     cache: dict[str, dict] = {}
     log_path = None

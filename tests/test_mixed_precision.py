@@ -53,7 +53,8 @@ def outlier():
 
 def test_targets_are_data_and_check_plans(outlier):
     graph, plan, _, _ = outlier
-    assert set(TARGETS) == {"generic", "full-int8", "int8-int16", "pow2-int8"}
+    assert set(TARGETS) == {"generic", "full-int8", "int8-int16", "pow2-int8", "per-tensor-int8", "per-tensor-int16",
+                            "pow2-int16", "w4a8"}
     with pytest.raises(ConfigError, match="known: .*full-int8"):
         get_target("tpu9000")
     mine = get_target({"name": "npu", "description": "int8 + fp16", "formats": ["int8", "fp16"],

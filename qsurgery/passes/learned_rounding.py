@@ -32,6 +32,7 @@ from .common import PassResult, graph_cost
 __all__ = ["learned_rounding"]
 
 _ZETA, _GAMMA = 1.1, -0.1
+_MIN_ROWS, _ROWS_PER_WEIGHT = 512, 16  # rows a fit uses: at least 16 per weight of one output, 512 at least
 
 
 def _positions(module: nn.Module, shape: torch.Size) -> int:
@@ -73,10 +74,13 @@ def _pair(v) -> tuple[int, int]:
 def _apply(module: nn.Module, rows: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if isinstance(module, nn.Linear):
         out = rows @ w.t()
+    elif module.groups == 1:
+        out = rows[:, 0] @ w.reshape(w.shape[0], -1).t()
+    elif module.groups == w.shape[0]:  # depthwise: one output per group, a weighted sum of its own inputs
+        out = (rows * w.reshape(1, module.groups, -1)).sum(-1)
     else:
         g = module.groups
-        wg = w.reshape(g, w.shape[0] // g, -1)
-        out = torch.einsum("pgk,gok->pgo", rows, wg).reshape(rows.shape[0], -1)
+        out = torch.einsum("pgk,gok->pgo", rows, w.reshape(g, w.shape[0] // g, -1)).reshape(rows.shape[0], -1)
     return out + bias if bias is not None else out
 
 
@@ -98,8 +102,9 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
                      layers: list[str] | None = None, seed: int = 0, progress: bool = True) -> PassResult:
     """A BN-folded copy of ``graph`` whose weights are put on ``config``'s grid by learned rounding.
 
-    ``iters``: optimisation steps per layer; ``samples``: output positions per layer the fit uses (sampled,
-    seeded); ``layers``: unit names to round (default: every weighted layer whose format allows it).
+    ``iters``: optimisation steps per layer; ``samples``: most output positions per layer the fit uses
+    (sampled, seeded; a layer with few weights per output, like a depthwise conv, uses 16 per weight);
+    ``layers``: unit names to round (default: every weighted layer whose format allows it).
     Layers with fewer sampled positions than weights per output channel keep round-to-nearest (the fit
     would be under-determined): say so in the notes. ``float_error`` is the mean relative output error of
     the rounded layers on their samples, before/after, as a ratio."""
@@ -142,8 +147,10 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
                 return None
             fitted.add(layer.name)
             idx, y_rows, out_hw = targets[layer.name]
+            per_out = module.weight[0].numel()
+            keep = min(len(idx), max(_MIN_ROWS, _ROWS_PER_WEIGHT * per_out))  # enough rows per fitted weight
+            idx, y_rows = idx[:keep], y_rows[:keep]
             x_rows = _in_rows(module, args[0].detach(), idx, out_hw)
-            per_out = x_rows.shape[-1]
             bar.update(1)
             if x_rows.shape[0] < per_out:
                 skipped[layer.name] = (f"{x_rows.shape[0]} sampled position(s) for {per_out} weights per output: "

@@ -1,0 +1,121 @@
+"""The recipe engine on the real EfficientNet-Lite0: per target and budget, float / plain / repaired top-1 and
+agreement on report images the engine never saw, cost, share of MACs in the default format, trials, time.
+
+Images: a seeded split of the folder into 64 calibration images and the rest; the engine decides on the first
+``--select`` of the rest and reports on the others. Anchors in the same run (on the ``generic`` target): the
+field report's method (the k most sensitive layers kept float, k the smallest that meets the budget on the
+selection images) and ``assign_precision`` alone on ``int8-int16``.
+
+    python benchmarks/repair.py --data ../shared/data/imagenet-sample-dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from _lite0 import load_lite0
+
+import qsurgery
+from qsurgery import Budget, repair
+from qsurgery.analysis import sensitivity
+from qsurgery.cost import plan_cost
+from qsurgery.passes import assign_precision
+
+TARGETS = ["generic", "int8-int16", "full-int8", "per-tensor-int16", "per-tensor-int8", "pow2-int8", "pow2-int16",
+           "w4a8"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--select", type=int, default=200)
+    ap.add_argument("--targets", nargs="*", default=TARGETS)
+    ap.add_argument("--budgets", nargs="*", type=float, default=[0.5, 1.0])
+    ap.add_argument("--max-trials", type=int, default=24)
+    ap.add_argument("--no-anchors", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    d = load_lite0(args.data, args.calib, 32)
+    sel = (d.xe[:args.select], d.ye[:args.select])
+    rep = (d.xe[args.select:], d.ye[args.select:])
+    n_rep = len(rep[0])
+    print(f"# EfficientNet-Lite0: {len(d.xc)} calibration / {len(sel[0])} selection / {n_rep} report images "
+          f"(disjoint; 1 report image = {100 / n_rep:.2f} pt), {torch.get_num_threads()} threads\n")
+    print("| target | budget | float | plain | repaired | drop [95 % interval] | agreement plain -> repaired | "
+          "cost | MACs in default format | non-default layers | kept steps | trials | s (set-up / trials / "
+          "report) | met on selection |")
+    print("|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---|---|")
+    for target in args.targets:
+        for b in args.budgets:
+            r = repair(d.graph, d.calib, sel, report_data=rep, budget=Budget(b, "top1"), target=target,
+                       max_trials=args.max_trials, progress=False)
+            p = r.report
+            lo, hi = p.drop_interval
+            steps = "; ".join(s["remedy"] + ("" if not s["params"] else
+                                              " " + ",".join(str(v) for v in s["params"].values()))
+                              for s in r.steps) or "-"
+            sec = r.seconds
+            print(f"| {target} | {b} | {p.float_metric:.2f} | {p.baseline_metric:.2f} | {p.repaired_metric:.2f} | "
+                  f"{p.float_metric - p.repaired_metric:.2f} [{lo:.2f}, {hi:.2f}] | {p.baseline_agreement:.2f} -> "
+                  f"{p.repaired_agreement:.2f} | x{r.relative_cost:.3f} | {100 * r.default_mac_share:.2f} % | "
+                  f"{len(r.cost.non_int8_layers) if r.default_format == 'int8' else '-'} | {steps} | "
+                  f"{len(r.trials)} | {sec['set-up and baseline']:.0f} / {sec['trials']:.0f} / {sec['report']:.0f} | "
+                  f"{'yes' if r.reached else 'no'} |", flush=True)
+    if not args.no_anchors:
+        anchors(d, sel, rep, args.budgets)
+
+
+def anchors(d, sel, rep, budgets) -> None:
+    """The field report's method and assign_precision alone, decided on the selection images."""
+    def batches(x, y):
+        return [(x[i:i + 50], y[i:i + 50]) for i in range(0, len(x), 50)]
+
+    sim, plan = qsurgery.quantize(d.graph, d.calib, qsurgery.QuantConfig.int8(), progress=False)
+    t = time.perf_counter()
+    sens = sensitivity(d.graph, None, batches(*sel), metric="kl", mode="quantize_one", simulated=sim, progress=False)
+    with torch.no_grad():
+        f_sel = qsurgery.top1(torch.cat([d.graph(x) for x, _ in batches(*sel)]), sel[1]) * 100
+        f_rep = qsurgery.top1(torch.cat([d.graph(x) for x, _ in batches(*rep)]), rep[1]) * 100
+    print(f"\nanchors (generic; float top-1 {f_rep:.2f} on the report images; sensitivity "
+          f"{time.perf_counter() - t:.0f} s)\n")
+    print("| method | budget | k / formats | repaired (report) | drop | cost | MACs int8 |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for b in budgets:
+        chosen = None
+        for k in range(0, 16):
+            cfg = qsurgery.QuantConfig.int8()
+            for row in sens.rows[:k]:
+                cfg = cfg.override(row.layer, dtype="float")
+            s, p = qsurgery.quantize(d.graph, d.calib, cfg, progress=False)
+            with torch.no_grad():
+                acc = qsurgery.top1(torch.cat([s(x) for x, _ in batches(*sel)]), sel[1]) * 100
+            if f_sel - acc <= b:
+                chosen = (k, s, p)
+                break
+        if chosen is None:
+            print(f"| k most sensitive float | {b} | no k <= 15 meets it on selection | | | | |")
+        else:
+            k, s, p = chosen
+            with torch.no_grad():
+                acc = qsurgery.top1(torch.cat([s(x) for x, _ in batches(*rep)]), rep[1]) * 100
+            c = plan_cost(d.graph, p, "generic")
+            base = plan_cost(d.graph, plan, "generic")
+            print(f"| k most sensitive float | {b} | k={k} | {acc:.2f} | {f_rep - acc:.2f} | "
+                  f"x{c.total / base.total:.3f} | {100 * (1 - c.non_int8_mac_share):.2f} % |", flush=True)
+        t = time.perf_counter()
+        f1 = sensitivity(d.graph, None, batches(*sel), metric="kl", mode="float_one", simulated=sim, progress=False)
+        res = assign_precision(d.graph, plan, f1, target="int8-int16", data=batches(*sel), budget=b, progress=False)
+        s, _ = qsurgery.quantize(d.graph, None, plan=res.plan, progress=False)
+        with torch.no_grad():
+            acc = qsurgery.top1(torch.cat([s(x) for x, _ in batches(*rep)]), rep[1]) * 100
+        base = plan_cost(d.graph, plan, "int8-int16")
+        print(f"| assign_precision alone (int8-int16) | {b} | {len(res.formats)} widened | {acc:.2f} | "
+              f"{f_rep - acc:.2f} | x{res.cost.total / base.total:.3f} | "
+              f"{100 * (1 - res.cost.non_int8_mac_share):.2f} % ({time.perf_counter() - t:.0f} s) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Techniques for strict devices on the real EfficientNet-Lite0: equalization, bias correction, learned rounding.
+
+For each regime (W8 per-channel / A8, W8 per-tensor / A8, power-of-two per-tensor W8/A8, W4 per-channel / A8
+with the first and last layer 8-bit) and each combination of techniques: top-1, drop, agreement and KL
+against float on the report images, and the technique's wall time. Every layer stays in the regime's
+integer format. Images: a seeded split of the folder into 64 calibration images and the rest; the first
+200 of the rest were used while building the techniques (``--dev``), the others report (never used to
+choose anything).
+
+    python benchmarks/techniques.py --data ../shared/data/imagenet-sample-dev
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import torch
+from _lite0 import load_lite0
+
+import qsurgery
+from qsurgery import QuantConfig
+from qsurgery.evaluate import kl_divergence
+from qsurgery.passes import bias_correction, equalize, learned_rounding
+
+
+def regimes() -> list[tuple[str, QuantConfig]]:
+    w4 = QuantConfig.int8()
+    w4 = replace(w4, weight=replace(w4.weight, bits=4), name="w4a8")
+    w4 = w4.override("conv_stem", weight_bits=8).override("classifier", weight_bits=8)
+    w4_mse = replace(w4, weight=replace(w4.weight, observer="mse"))
+    return [("W8 per-channel / A8", QuantConfig.int8()),
+            ("W8 per-tensor / A8", QuantConfig.int8(per_channel=False)),
+            ("pow2 per-tensor W8/A8", QuantConfig.pow2_int8()),
+            ("W4 per-channel / A8 (first, last 8-bit)", w4),
+            ("W4 per-channel / A8, MSE weight scales (first, last 8-bit)", w4_mse)]
+
+
+ROWS = ["plain", "+equalization", "+bias correction", "+both", "+learned rounding", "+all"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="image folder with labels.csv (imagenet-sample-dev)")
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--dev", type=int, default=200, help="images of the rest kept out of the report")
+    ap.add_argument("--iters", type=int, default=300, help="learned rounding steps per layer")
+    ap.add_argument("--regimes", nargs="*", type=int, help="indices of the regimes to run (default all)")
+    ap.add_argument("--rows", nargs="*", help="rows to run (default all)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    d = load_lite0(args.data, args.calib, 32)
+    xr, yr = d.xe[args.dev:], d.ye[args.dev:]
+
+    def logits(m):
+        with torch.no_grad():
+            return torch.cat([m(xr[i:i + 50]) for i in range(0, len(xr), 50)])
+
+    ref = logits(d.graph)
+    f_top1 = 100 * qsurgery.top1(ref, yr)
+    print(f"# EfficientNet-Lite0, {len(d.xc)} calibration / {len(xr)} report images (1 image = "
+          f"{100 / len(xr):.2f} pt); float top-1 {f_top1:.2f} %, {torch.get_num_threads()} threads\n")
+    print("| regime | techniques | top-1 | drop (pt) | agreement | KL | technique s |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    chosen = [r for i, r in enumerate(regimes()) if args.regimes is None or i in args.regimes]
+    for name, cfg in chosen:
+        cache: dict[str, torch.fx.GraphModule] = {}
+        for row in ROWS:
+            if args.rows and row not in args.rows:
+                continue
+            t = time.perf_counter()
+            g = d.graph
+            if row in ("+equalization", "+both", "+all"):
+                g = cache.setdefault("eq", equalize(d.graph).graph)
+            if row in ("+learned rounding", "+all"):
+                g = learned_rounding(g, d.calib, cfg, iters=args.iters, progress=False).graph
+            if row in ("+bias correction", "+both", "+all"):
+                g = bias_correction(g, d.calib, cfg).graph
+            secs = time.perf_counter() - t
+            sim, plan = qsurgery.quantize(g, d.calib, cfg, progress=False)
+            bad = [layer.name for layer in plan if not (layer.weight is None or layer.weight.is_int)]
+            assert not bad, f"layers left the integer format: {bad}"
+            out = logits(sim)
+            t1 = 100 * qsurgery.top1(out, yr)
+            print(f"| {name} | {row} | {t1:.2f} | {f_top1 - t1:.2f} | {100 * qsurgery.agreement(ref, out):.2f} | "
+                  f"{kl_divergence(ref, out):.4f} | {secs:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
