@@ -173,3 +173,18 @@ def test_cli_repair_checks_arguments_first(tmp_path, capsys):
     assert main(["repair", "--remedy", "magic", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "unknown --remedy 'magic'" in capsys.readouterr().err
     assert main(["repair", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+
+
+def test_budget_is_judged_with_the_selection_images_uncertainty(net):
+    """A top-1 drop of ~0 measured on few images is not taken as proof: the bound adds z standard errors."""
+    m, calib, x, _ = net
+    y = torch.randint(0, 10, (len(x),), generator=torch.Generator().manual_seed(0))  # float top-1 ~10 %
+    point = repair(m, calib, (x, y), budget=Budget(1.0, "top1", confidence=0.5), max_trials=0, progress=False)
+    sure = repair(m, calib, (x, y), budget=Budget(1.0, "top1"), max_trials=0, progress=False)
+    drop = point.selection["float"] - point.selection["repaired"]
+    assert point.selection["drop_bound"] == pytest.approx(drop)
+    assert sure.selection["drop_bound"] > drop + 1.0  # many flips: a wide interval
+    assert not sure.reached
+    assert Budget(1.0, confidence=0.5).z == 0.0
+    with pytest.raises(RepairError, match="confidence"):
+        Budget(1.0, confidence=1.0)
