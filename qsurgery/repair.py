@@ -143,6 +143,7 @@ class _State:
     graph: fx.GraphModule
     config: QuantConfig
     steps: list[dict] = field(default_factory=list)
+    reference: fx.GraphModule | None = None  # the float model as of the last exact step (None: ``graph``)
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,10 @@ def _graph_remedy(name: str, prior_strict: float, prior_plain: float, why: str, 
         return [Proposal(name, {}, why, prior)]
 
     def apply(ctx: _Context, state: _State, _p: Proposal) -> _State:
-        return _State(fn(ctx, state), state.config, state.steps + [{"remedy": name, "params": {}}])
+        graph = fn(ctx, state)
+        exact = REMEDIES[name].exact
+        reference = None if exact else (state.reference if state.reference is not None else state.graph)
+        return _State(graph, state.config, state.steps + [{"remedy": name, "params": {}}], reference)
 
     return propose, apply
 
@@ -287,7 +291,8 @@ def _bias_correction(ctx: _Context, state: _State) -> fx.GraphModule:
 def _learned_rounding(ctx: _Context, state: _State) -> fx.GraphModule:
     from .passes.learned_rounding import learned_rounding
 
-    return learned_rounding(state.graph, ctx.calib, state.config, seed=ctx.seed, progress=ctx.progress).graph
+    return learned_rounding(state.graph, ctx.calib, state.config, reference=state.reference, seed=ctx.seed,
+                            progress=ctx.progress).graph
 
 
 for _name, _strict, _plain, _why, _fn, _fixes, _exact in (
@@ -317,7 +322,7 @@ def _observer_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
         cfg = replace(cfg, activation=replace(cfg.activation, observer=p.params["observer"]))
     if "weight_observer" in p.params:
         cfg = replace(cfg, weight=replace(cfg.weight, observer=p.params["weight_observer"]))
-    return _State(state.graph, cfg, state.steps + [{"remedy": "observer", "params": p.params}])
+    return _State(state.graph, cfg, state.steps + [{"remedy": "observer", "params": p.params}], state.reference)
 
 
 register_remedy(Remedy("observer", ("activation outliers",), False, "calibration images", False,
@@ -383,7 +388,7 @@ def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
 
 def _precision_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
     cfg = _with_format(state.config, p.params["layer"], p.params["format"])
-    return _State(state.graph, cfg, state.steps + [{"remedy": "precision", "params": p.params}])
+    return _State(state.graph, cfg, state.steps + [{"remedy": "precision", "params": p.params}], state.reference)
 
 
 register_remedy(Remedy("precision", ("int8 error",), False, "selection images (ranking)", False,

@@ -99,15 +99,18 @@ def _why_not(module: nn.Module, fmt) -> str | None:
 
 def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None = None, *,
                      iters: int = 300, samples: int = 2048, reg: float = 0.01, lr: float = 1e-2,
-                     layers: list[str] | None = None, seed: int = 0, progress: bool = True) -> PassResult:
+                     layers: list[str] | None = None, reference: fx.GraphModule | None = None, seed: int = 0,
+                     progress: bool = True) -> PassResult:
     """A BN-folded copy of ``graph`` whose weights are put on ``config``'s grid by learned rounding.
 
     ``iters``: optimisation steps per layer; ``samples``: most output positions per layer the fit uses
     (sampled, seeded; a layer with few weights per output, like a depthwise conv, uses 16 per weight);
     ``layers``: unit names to round (default: every weighted layer whose format allows it).
-    Layers with fewer sampled positions than weights per output channel keep round-to-nearest (the fit
-    would be under-determined): say so in the notes. ``float_error`` is the mean relative output error of
-    the rounded layers on their samples, before/after, as a ratio."""
+    ``reference``: the float model whose layer outputs the fit matches (default ``graph``); give the graph
+    before an approximate change such as bias correction, whose biases are meant for rounded weights, not
+    float ones (its layers must carry the same names). Layers with fewer sampled positions than weights
+    per output channel keep round-to-nearest (the fit would be under-determined): the notes say which.
+    ``float_error``: the rounded layers' output error on their samples, after / before (a ratio)."""
     if iters < 1 or samples < 1:
         raise ConfigError(f"iters and samples must be >= 1, got {iters}, {samples}")
     config = config or QuantConfig.int8()
@@ -135,7 +138,14 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
     result = PassResult(gm, exact=False, cost_before=graph_cost(graph))
     inputs = tuple(torch.cat([b[i] for b in batches]) for i in range(len(batches[0])))
     # one float pass: every layer's output at sampled positions (the targets)
-    targets = _float_targets(gm, todo, inputs, samples, gen)
+    ref = gm
+    if reference is not None:
+        ref = copy.deepcopy(reference)
+        fold_batchnorm(ref)
+        missing = [layer.module for layer in todo if layer.module not in dict(ref.named_modules())]
+        if missing:
+            raise ConfigError(f"learned_rounding: the reference has no layer(s) {missing[:5]}")
+    targets = _float_targets(ref, todo, inputs, samples, gen)
     # one quantized pass: each layer is rounded just before it runs, on the inputs the rounded layers before
     # it produced, so the layers after it see its rounded outputs
     bar = tqdm(total=len(todo), desc="learned rounding", unit="layer", disable=not progress, leave=False)
