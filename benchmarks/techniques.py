@@ -48,10 +48,14 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=300, help="learned rounding steps per layer")
     ap.add_argument("--regimes", nargs="*", type=int, help="indices of the regimes to run (default all)")
     ap.add_argument("--rows", nargs="*", help="rows to run (default all)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (TF32 off, so figures match the CPU's)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     d = load_lite0(args.data, args.calib, 32)
-    xr, yr = d.xe[args.dev:], d.ye[args.dev:]
+    d.graph.to(args.device)
+    d.calib = [b.to(args.device) for b in d.calib]
+    xr, yr = d.xe[args.dev:].to(args.device), d.ye[args.dev:].to(args.device)
 
     def logits(m):
         with torch.no_grad():
@@ -59,8 +63,9 @@ def main() -> None:
 
     ref = logits(d.graph)
     f_top1 = 100 * qsurgery.top1(ref, yr)
+    where = f"{torch.get_num_threads()} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name()
     print(f"# EfficientNet-Lite0, {len(d.xc)} calibration / {len(xr)} report images (1 image = "
-          f"{100 / len(xr):.2f} pt); float top-1 {f_top1:.2f} %, {torch.get_num_threads()} threads\n")
+          f"{100 / len(xr):.2f} pt); float top-1 {f_top1:.2f} %, on {where}\n")
     print("| regime | techniques | top-1 | drop (pt) | agreement | KL | technique s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     chosen = [r for i, r in enumerate(regimes()) if args.regimes is None or i in args.regimes]

@@ -62,9 +62,9 @@ class Budget:
     quantized model (1.0 = no extra cost).
 
     ``confidence``: the budget holds on the selection images when the drop is below ``max_drop`` with this
-    one-sided confidence (paired, per image: the measured drop plus z standard errors). On a few hundred
-    images top-1 moves in coarse steps and can show no loss where there is one; 0.5 takes the measured drop
-    as it is. Callable metrics have no per-image figure: their measured drop is used."""
+    one-sided confidence (paired, per image: the measured drop, never below 0, plus z standard errors). On a
+    few hundred images top-1 moves in coarse steps and can show no loss, or a gain, where there is a loss;
+    0.5 takes the measured drop as it is. Callable metrics have no per-image figure: their measured drop is used."""
 
     max_drop: float = 1.0
     metric: str | Callable = "top1"
@@ -711,9 +711,12 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     current, sim = _measure(ctx, state)
     seconds = {"set-up and baseline": time.perf_counter() - t0}
 
+    def bound(m: _Measure) -> float:
+        # a quantized model that beats float on the selection images is taken as no better than float
+        return max(float_sel - m.metric, 0.0) + budget.z * m.drop_se
+
     def holds(m: _Measure) -> bool:
-        drop = float_sel - m.metric + budget.z * m.drop_se
-        return drop <= budget.max_drop and (budget.max_cost is None or m.cost <= budget.max_cost)
+        return bound(m) <= budget.max_drop and (budget.max_cost is None or m.cost <= budget.max_cost)
 
     trials: list[Trial] = []
     tried: set[str] = set()
@@ -784,7 +787,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
                           trials, ctx.findings, {"images": n_sel, "float": float_sel,
                                                  "baseline": base_measure.metric, "repaired": current.metric,
                                                  "kl_baseline": base_measure.kl, "kl_repaired": current.kl,
-                                                 "drop_bound": float_sel - current.metric + budget.z * current.drop_se,
+                                                 "drop_bound": bound(current),
                                                  "confidence": budget.confidence},
                           report, current.plan_cost, current.cost, seconds, warnings_, target.default)
     if out_dir is not None:

@@ -227,7 +227,7 @@ def equalize(graph: fx.GraphModule, *, relu6: Literal["clip", "skip"] = "clip", 
         moved = 0.0
         for p in pairs:
             a, b = gm.get_submodule(p.first), gm.get_submodule(p.second)
-            r1, r2 = _out_range(a.weight).double(), _in_range(b).double()
+            r1, r2 = _out_range(a.weight).double().cpu(), _in_range(b).double().cpu()
             ok = (r1 > 0) & (r2 > 0)
             s = torch.where(ok, torch.sqrt(r1 / r2.clamp(min=1e-300)), torch.ones_like(r1))
             s = s.clamp(1 / max_scale, max_scale)

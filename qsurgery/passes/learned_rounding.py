@@ -216,6 +216,7 @@ def _float_targets(gm: fx.GraphModule, todo: list, inputs: tuple, samples: int, 
                 return
             n = _positions(module, out.shape)
             idx = torch.randperm(n, generator=gen)[:samples] if n > samples else torch.arange(n)
+            idx = idx.to(out.device)
             hw = (out.shape[2], out.shape[3]) if out.dim() == 4 else (1, 1)
             targets[layer.name] = (idx, _out_rows(module, out.detach(), idx).contiguous(), hw)
         return hook

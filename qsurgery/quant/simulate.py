@@ -457,6 +457,7 @@ def _fit_bias_in_int32(scale: torch.Tensor, module: nn.Module, x_quant: ActQuant
         return scale
     need = bias.detach().abs().double().cpu() / (float(x_quant.scale) * _BIAS_LIMIT)
     need = need.max().reshape(scale.shape) if scale.numel() == 1 else need.reshape(scale.shape)
+    need = need.to(scale.device)
     raised = need > scale.double()
     if not bool(raised.any()):
         return scale
