@@ -189,6 +189,7 @@ class _Context:
     findings: list[Finding] = field(default_factory=list)
     ranking: dict[str, float] | None = None
     ranking_for: str | None = None
+    proposals: dict[str, list] = field(default_factory=dict)  # priced precision proposals per state
 
 
 # ---------------------------------------------------------------------- measuring
@@ -215,8 +216,9 @@ def _build(ctx: _Context, state: _State) -> tuple[SimulatedModel, QuantPlan]:
     return quantize(state.graph, ctx.calib, state.config, progress=False)
 
 
-def _measure(ctx: _Context, state: _State) -> tuple[_Measure, SimulatedModel]:
-    sim, plan = _build(ctx, state)
+def _measure(ctx: _Context, state: _State, sim: SimulatedModel | None = None) -> tuple[_Measure, SimulatedModel]:
+    """``state`` on the selection images (``sim``: its simulation, if already built)."""
+    sim, plan = (sim, sim.plan) if sim is not None else _build(ctx, state)
     ctx.target.check(plan)
     out = _outputs(sim, ctx.sel_x, ctx.batch_size)
     pc = plan_cost(state.graph, plan, ctx.target)
@@ -346,10 +348,13 @@ def _precision_propose(ctx: _Context, state: _State) -> list[Proposal]:
     if ctx.ranking is None or ctx.ranking_for != graph_key:
         ctx.ranking = _rank_layers(ctx, state)
         ctx.ranking_for = graph_key
+    state_key = json.dumps(state.steps, sort_keys=True)
+    if state_key in ctx.proposals:  # a rejected trial leaves the state, and so its priced proposals, as they were
+        return ctx.proposals[state_key]
     done = {s["params"]["layer"]: s["params"]["format"] for s in state.steps if s["remedy"] == "precision"}
     sim, plan = _build(ctx, state)
     base = plan_cost(state.graph, plan, ctx.target).total
-    out = []
+    out = ctx.proposals[state_key] = []
     for layer, gain in ctx.ranking.items():
         if gain <= 0:
             continue
@@ -708,7 +713,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     for symptom in _regime(target):
         ctx.findings.append(Finding("*", symptom, f"the target {target.name} requires it for every layer"))
     float_sel = score(sel_ref, sel_y, budget.metric, sel_ref)
-    current, sim = _measure(ctx, state)
+    current, sim = _measure(ctx, state, sim0)
     seconds = {"set-up and baseline": time.perf_counter() - t0}
 
     def bound(m: _Measure) -> float:
@@ -730,7 +735,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
                 continue  # costed remedies wait until the free ones are spent
             proposals += [p for p in remedy.propose(ctx, state) if p.key not in tried]
         if budget.max_cost is not None:
-            proposals = [p for p in proposals if 1 + p.cost <= budget.max_cost]
+            proposals = [p for p in proposals if current.cost + p.cost <= budget.max_cost]
         if not proposals:
             break
         p = max(proposals, key=lambda q: (q.expected_gain / max(q.cost, 1e-3) if q.cost > 0 else math.inf,

@@ -10,7 +10,6 @@ lives in the graph's biases, so the simulation, the integer twin and the QDQ exp
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -18,10 +17,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import CalibrationError, ConfigError
-from ..graph import fold_batchnorm
 from ..quant.config import QuantConfig
 from ..quant.simulate import graph_inputs, quantize
-from .common import PassResult, graph_cost
+from .common import PassResult, folded_copy, graph_cost
 
 __all__ = ["bias_correction", "output_shift"]
 
@@ -49,9 +47,7 @@ def bias_correction(graph: fx.GraphModule, calib_data: Any, config: QuantConfig 
     if rounds < 1:
         raise ConfigError(f"rounds must be >= 1, got {rounds}")
     config = config or QuantConfig.int8()
-    gm = copy.deepcopy(graph)
-    gm.meta.update(copy.deepcopy(dict(graph.meta)))
-    fold_batchnorm(gm)
+    gm = folded_copy(graph)
     batches = list(graph_inputs(gm, calib_data, what="bias-correction"))
     total: dict[str, torch.Tensor] = {}
     skipped: dict[str, str] = {}

@@ -15,7 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import CalibrationError
 from ..graph import device_of, module_macs
 
-__all__ = ["PassResult", "graph_cost", "refresh_shapes", "distill"]
+__all__ = ["PassResult", "graph_cost", "refresh_shapes", "distill", "folded_copy"]
 
 
 def refresh_shapes(gm: fx.GraphModule) -> None:
@@ -26,6 +26,17 @@ def refresh_shapes(gm: fx.GraphModule) -> None:
     device = device_of(gm)
     with torch.no_grad():
         ShapeProp(gm).propagate(*[torch.zeros(s, device=device) for s in shapes])
+
+
+def folded_copy(graph: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``graph`` with its metadata and its BatchNorms folded into the convs before them: the
+    weights a device holds, which the techniques that rescale, round or correct weights work on."""
+    from ..graph import fold_batchnorm
+
+    gm = copy.deepcopy(graph)
+    gm.meta.update(copy.deepcopy(dict(graph.meta)))
+    fold_batchnorm(gm)
+    return gm
 
 
 def graph_cost(gm: fx.GraphModule) -> dict[str, int]:

@@ -16,7 +16,6 @@ zero padding, average pooling (including the global pooling in front of a classi
 
 from __future__ import annotations
 
-import copy
 import math
 import operator
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..graph import BATCHNORM_MODULES, ChannelClip, clip_bounds, fold_batchnorm, is_activation
-from .common import PassResult, graph_cost
+from ..graph import BATCHNORM_MODULES, ChannelClip, clip_bounds, is_activation
+from .common import PassResult, folded_copy, graph_cost
 
 __all__ = ["equalize", "find_pairs", "LayerPair"]
 
@@ -133,8 +132,7 @@ def find_pairs(graph: fx.GraphModule, *, relu6: Literal["clip", "skip"] = "clip"
     if relu6 not in ("clip", "skip"):
         raise ConfigError(f"relu6 must be 'clip' or 'skip', got {relu6!r}")
     if any(isinstance(m, BATCHNORM_MODULES) for m in graph.modules()):
-        graph = copy.deepcopy(graph)
-        fold_batchnorm(graph)
+        graph = folded_copy(graph)
     pairs: list[LayerPair] = []
     skipped: dict[str, str] = {}
     for node in graph.graph.nodes:
@@ -209,9 +207,7 @@ def equalize(graph: fx.GraphModule, *, relu6: Literal["clip", "skip"] = "clip", 
     when exact)."""
     if iterations < 1:
         raise ConfigError(f"iterations must be >= 1, got {iterations}")
-    gm = copy.deepcopy(graph)
-    gm.meta.update(copy.deepcopy(dict(graph.meta)))
-    fold_batchnorm(gm)
+    gm = folded_copy(graph)
     pairs, skipped = find_pairs(gm, relu6=relu6)
     nodes = {n.name: n for n in gm.graph.nodes}
     clips: dict[str, ChannelClip] = {}

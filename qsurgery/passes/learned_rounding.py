@@ -14,7 +14,6 @@ Works for conv (any groups, 2-d) and linear layers, per-channel or per-tensor, f
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -24,10 +23,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..graph import WEIGHT_SCALES, fold_batchnorm
+from ..graph import WEIGHT_SCALES
 from ..quant.config import QuantConfig
 from ..quant.simulate import graph_inputs, quantize
-from .common import PassResult, graph_cost
+from .common import PassResult, folded_copy, graph_cost
 
 __all__ = ["learned_rounding"]
 
@@ -114,9 +113,7 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
     if iters < 1 or samples < 1:
         raise ConfigError(f"iters and samples must be >= 1, got {iters}, {samples}")
     config = config or QuantConfig.int8()
-    gm = copy.deepcopy(graph)
-    gm.meta.update(copy.deepcopy(dict(graph.meta)))
-    fold_batchnorm(gm)
+    gm = folded_copy(graph)
     batches = list(graph_inputs(gm, calib_data, what="learned-rounding"))
     sim, plan = quantize(gm, batches, config, progress=False)
     wanted = set(layers) if layers is not None else None
@@ -140,8 +137,7 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
     # one float pass: every layer's output at sampled positions (the targets)
     ref = gm
     if reference is not None:
-        ref = copy.deepcopy(reference)
-        fold_batchnorm(ref)
+        ref = folded_copy(reference)
         missing = [layer.module for layer in todo if layer.module not in dict(ref.named_modules())]
         if missing:
             raise ConfigError(f"learned_rounding: the reference has no layer(s) {missing[:5]}")
