@@ -257,8 +257,14 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         example = calib_set[0][0].unsqueeze(0)
         verify = [b[0] for b in loader(torch.utils.data.Subset(eval_set, list(range(min(16, len(eval_set))))),
                                        args.batch_size)]
-        rep = result.export_onnx(args.out / "repaired_qdq.onnx", example, verify_inputs=verify)
-        print(f"onnx     {rep.path}: " + rep.summary().splitlines()[-1].strip())
+        rep = result.export_onnx(args.out / "repaired_qdq.onnx", example, verify_inputs=verify,
+                                 uint8_weights=args.uint8_weights)
+        steps = "n/a" if rep.max_error_steps is None else f"{rep.max_error_steps:.2f} output step(s)"
+        agree = "" if rep.top1_agreement is None else f", top-1 agreement {100 * rep.top1_agreement:.2f} %"
+        print(f"onnx     {rep.path}: its Q/DQ arithmetic matches the simulation to {steps}{agree} on "
+              f"{rep.verified_on} inputs")
+        for line in rep.differences:
+            print(f"note     {line}")
     print(f"report   {report} (and report.html, the trial log trials.jsonl, the model in result/) in "
           f"{time.perf_counter() - t0:.0f} s")
     return 0 if result.reached else 1
@@ -313,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the rest only report)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--no-export", dest="export", action="store_false", help="skip the verified QDQ ONNX")
+    r.add_argument("--uint8-weights", action="store_true", help="store int8 weights as uint8 + 128 (same values): "
+                   "exact integer kernels in onnxruntime on x86 CPUs without VNNI")
     r.set_defaults(func=_cmd_repair, distill=False)
     q = sub.add_parser("quantize", help="simulate int8 on a model and compare it with float")
     _add_common(q)
