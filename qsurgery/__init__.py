@@ -25,8 +25,8 @@ from .quant import (
     integer_model,
     quantize,
 )
-from .repair import REMEDIES, Budget, RepairError, RepairResult, repair  # noqa: E402  (after quant: imports it)
-from .targets import TARGETS, Target, get_target  # noqa: E402
+from .repair import REMEDIES, Budget, RepairError, RepairResult, repair
+from .targets import TARGETS, Target, get_target
 
 __version__ = "0.1.0"
 
