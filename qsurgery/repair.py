@@ -223,8 +223,12 @@ def _measure(ctx: _Context, state: _State, sim: SimulatedModel | None = None) ->
     out = _outputs(sim, ctx.sel_x, ctx.batch_size)
     pc = plan_cost(state.graph, plan, ctx.target)
     return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _kl(ctx.sel_ref, out),
-                    100 * float((out.argmax(1) == ctx.sel_ref.argmax(1)).float().mean()) if out.dim() == 2 else
-                    float("nan"), pc.total / ctx.base_cost, _drop_se(ctx, out), pc), sim
+                    _agreement(ctx.sel_ref, out), pc.total / ctx.base_cost, _drop_se(ctx, out), pc), sim
+
+
+def _agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Top-1 agreement with float in points; NaN for outputs that are not class scores."""
+    return score(out, None, "agreement", ref) if out.dim() == 2 else float("nan")
 
 
 def _per_image(metric: Any, out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor
@@ -242,7 +246,7 @@ def _drop_se(ctx: _Context, out: torch.Tensor) -> float:
     f = _per_image(ctx.budget.metric, ctx.sel_ref, ctx.sel_y, ctx.sel_ref)
     if q is None or len(q) < 2:
         return 0.0
-    return 100 * float((f - q).std(unbiased=True)) / math.sqrt(len(q))
+    return _paired_se(f, q)
 
 
 def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -594,9 +598,15 @@ def _fingerprint(*parts: Any) -> str:
 
 def _paired_interval(correct_a: torch.Tensor, correct_b: torch.Tensor) -> tuple[float, float]:
     """95 % interval of the mean paired difference a - b, in points."""
-    d = (correct_a.float() - correct_b.float()) * 100
-    half = 1.96 * float(d.std(unbiased=True)) / math.sqrt(len(d)) if len(d) > 1 else math.inf
-    return float(d.mean()) - half, float(d.mean()) + half
+    mean = 100 * float((correct_a.float() - correct_b.float()).mean())
+    half = 1.96 * _paired_se(correct_a, correct_b) if len(correct_a) > 1 else math.inf
+    return mean - half, mean + half
+
+
+def _paired_se(correct_a: torch.Tensor, correct_b: torch.Tensor) -> float:
+    """Standard error of the mean paired difference a - b, in points."""
+    d = correct_a.float() - correct_b.float()
+    return 100 * float(d.std(unbiased=True)) / math.sqrt(len(d))
 
 
 # ---------------------------------------------------------------------- the engine
@@ -779,11 +789,9 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     float_each = _per_image(budget.metric, rep_ref, rep_y, rep_ref)
     interval = _paired_interval(float_each, fixed_each) if fixed_each is not None else None
 
-    def agree(o: torch.Tensor) -> float:
-        return 100 * float((o.argmax(1) == rep_ref.argmax(1)).float().mean()) if o.dim() == 2 else float("nan")
-
     report = PartFigures(len(rep_x), f_rep, score(base_rep, rep_y, budget.metric, rep_ref),
-                         score(fixed_rep, rep_y, budget.metric, rep_ref), agree(base_rep), agree(fixed_rep),
+                         score(fixed_rep, rep_y, budget.metric, rep_ref), _agreement(rep_ref, base_rep),
+                         _agreement(rep_ref, fixed_rep),
                          _kl(rep_ref, base_rep), _kl(rep_ref, fixed_rep), interval, 100 / len(rep_x))
     base_measure = _Measure(trials[0].metric_before, trials[0].kl_before, 0, 1.0) if trials else current
     seconds["report"] = time.perf_counter() - t2
