@@ -1,4 +1,5 @@
-"""Techniques for strict devices on the real EfficientNet-Lite0: equalization, bias correction, learned rounding.
+"""Techniques for strict devices on the real EfficientNet-Lite0: equalization, bias correction, learned rounding,
+quantization-aware distillation.
 
 For each regime (W8 per-channel / A8, W8 per-tensor / A8, power-of-two per-tensor W8/A8, W4 per-channel / A8
 with the first and last layer 8-bit) and each combination of techniques: top-1, drop, agreement and KL
@@ -22,7 +23,7 @@ from _lite0 import load_lite0
 import qsurgery
 from qsurgery import QuantConfig
 from qsurgery.evaluate import kl_divergence
-from qsurgery.passes import bias_correction, equalize, learned_rounding
+from qsurgery.passes import bias_correction, distill_quantized, equalize, learned_rounding
 
 
 def regimes() -> list[tuple[str, QuantConfig]]:
@@ -37,7 +38,16 @@ def regimes() -> list[tuple[str, QuantConfig]]:
             ("W4 per-channel / A8, MSE weight scales (first, last 8-bit)", w4_mse)]
 
 
-ROWS = ["plain", "+equalization", "+bias correction", "+both", "+learned rounding", "+all"]
+ROWS = ["plain", "+equalization", "+bias correction", "+both", "+learned rounding", "+all", "+distillation",
+        "+all +distillation"]
+
+
+def _cached(cache: dict, key: str, make) -> tuple[torch.fx.GraphModule, float]:
+    """A step shared by several rows, made once: (graph, seconds it took)."""
+    if key not in cache:
+        t0 = time.perf_counter()
+        cache[key] = (make(), time.perf_counter() - t0)
+    return cache[key]
 
 
 def main() -> None:
@@ -46,6 +56,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--dev", type=int, default=200, help="images of the rest kept out of the report")
     ap.add_argument("--iters", type=int, default=300, help="learned rounding steps per layer")
+    ap.add_argument("--distill-steps", type=int, default=200, help="distillation steps")
+    ap.add_argument("--distill-lr", type=float, default=1e-5, help="distillation learning rate")
+    ap.add_argument("--mix", type=float, default=0.0, help="distillation: blend share (0: none)")
     ap.add_argument("--regimes", nargs="*", type=int, help="indices of the regimes to run (default all)")
     ap.add_argument("--rows", nargs="*", help="rows to run (default all)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (TF32 off, so figures match the CPU's)")
@@ -70,19 +83,28 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|")
     chosen = [r for i, r in enumerate(regimes()) if args.regimes is None or i in args.regimes]
     for name, cfg in chosen:
-        cache: dict[str, torch.fx.GraphModule] = {}
+        cache: dict[str, tuple[torch.fx.GraphModule, float]] = {}  # shared steps and the seconds they took
         for row in ROWS:
             if args.rows and row not in args.rows:
                 continue
             t = time.perf_counter()
-            g = d.graph
-            if row in ("+equalization", "+both", "+all"):
-                g = cache.setdefault("eq", equalize(d.graph).graph)
-            if row in ("+learned rounding", "+all"):
-                g = learned_rounding(g, d.calib, cfg, iters=args.iters, progress=False).graph
-            if row in ("+bias correction", "+both", "+all"):
+            g, secs = d.graph, 0.0  # secs: the row's technique time, shared steps counted in every row using them
+            full = row in ("+all", "+all +distillation")
+            if row in ("+equalization", "+both") or full:
+                g, secs = _cached(cache, "eq", lambda: equalize(d.graph).graph)
+            if full:
+                g, s_lr = _cached(cache, "eq+lr", lambda g=g, cfg=cfg: learned_rounding(
+                    g, d.calib, cfg, iters=args.iters, progress=False).graph)
+                secs += s_lr
+            t = time.perf_counter()
+            if row == "+learned rounding":
+                g = learned_rounding(d.graph, d.calib, cfg, iters=args.iters, progress=False).graph
+            if row in ("+bias correction", "+both") or full:
                 g = bias_correction(g, d.calib, cfg).graph
-            secs = time.perf_counter() - t
+            if row in ("+distillation", "+all +distillation"):
+                g = distill_quantized(g, d.calib, cfg, steps=args.distill_steps, lr=args.distill_lr, mix=args.mix,
+                                      reference=d.graph, seed=0, progress=False).graph
+            secs += time.perf_counter() - t
             sim, plan = qsurgery.quantize(g, d.calib, cfg, progress=False)
             bad = [layer.name for layer in plan if not (layer.weight is None or layer.weight.is_int)]
             assert not bad, f"layers left the integer format: {bad}"

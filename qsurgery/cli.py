@@ -8,22 +8,22 @@ import argparse
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .capture import capture
-from .data import ImageFolder, distill_images, loader, model_transform, sample_images, split
 from .errors import QSurgeryError
-from .evaluate import agreement, predict, top1
-from .models import create_model
-from .quant import QuantConfig, quantize
 from .quant.config import OBSERVERS
+
+if TYPE_CHECKING:  # the commands import torch and the rest when they run, so that --help is instant
+    import torch
+
+    from .quant import QuantConfig
 
 
 def _config(args: argparse.Namespace) -> QuantConfig:
     from dataclasses import replace
 
+    from .quant import QuantConfig
     from .targets import get_target
 
     if args.target == "int8":  # the name this option had before targets were shared with the Python API
@@ -39,6 +39,12 @@ def _config(args: argparse.Namespace) -> QuantConfig:
 
 def _prepare(args: argparse.Namespace):
     """Model, calibration/evaluation sets, their description, the captured graph and the config."""
+    import torch
+
+    from .capture import capture
+    from .data import ImageFolder, distill_images, model_transform, sample_images, split
+    from .models import create_model
+
     torch.manual_seed(0)
     model = create_model(args.model, checkpoint=args.checkpoint)
     transform = model_transform(model, input_size=args.input_size)
@@ -83,6 +89,10 @@ def resolve_input_size(model: torch.nn.Module, input_size: int | None) -> int:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
+    from .data import loader
+    from .evaluate import agreement, predict, top1
+    from .quant import quantize
+
     t0 = time.perf_counter()
     model, calib_set, eval_set, source, graph, config = _prepare(args)
     sim, plan = quantize(graph, loader(calib_set, args.batch_size), config, progress=not args.quiet)
@@ -111,7 +121,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from .data import loader
     from .export import export_onnx
+    from .quant import quantize
 
     model, calib_set, eval_set, _source, graph, config = _prepare(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -139,8 +151,13 @@ def _depthwise(graph) -> set[str]:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
+    import torch
+
     from .analysis import compare_layers, prediction_flips, sensitivity
     from .analysis.report import write_report
+    from .data import loader
+    from .evaluate import predict
+    from .quant import quantize
 
     t0 = time.perf_counter()
     model, calib_set, eval_set, source, graph, config = _prepare(args)
@@ -216,6 +233,9 @@ def _target_names() -> list[str]:
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import loader
     from .repair import REMEDIES, Budget, RepairError, repair
     from .targets import get_target
 
@@ -229,6 +249,8 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     unknown = [r for r in args.remedy if r not in REMEDIES]
     if unknown:
         raise RepairError(f"unknown --remedy {unknown[0]!r}; known: {', '.join(sorted(REMEDIES))}")
+    if args.task == "detect":
+        return _repair_detector(args)
     metric = args.metric or ("top1" if args.data else "agreement")
     budget = Budget(args.budget, metric, args.max_cost)
     target = get_target(args.target)
@@ -244,6 +266,13 @@ def _cmd_repair(args: argparse.Namespace) -> int:
     result = repair(graph, loader(calib_set, args.batch_size), eval_set, budget=budget, target=target,
                     remedies=args.remedy or None, selection=args.selection, max_trials=args.max_trials,
                     out_dir=args.out, seed=args.seed, batch_size=args.batch_size, progress=progress)
+    verify = [b[0] for b in loader(torch.utils.data.Subset(eval_set, list(range(min(16, len(eval_set))))),
+                                   args.batch_size)]
+    return _finish(args, result, calib_set[0][0].unsqueeze(0), verify, t0)
+
+
+def _finish(args: argparse.Namespace, result, example: torch.Tensor, verify: list, t0: float) -> int:
+    """Write the report, print the headline, export the verified ONNX; exit 0 when the budget holds."""
     report = args.out / "report.md"
     report.write_text(result.to_markdown())
     plot = result.plot(args.out / "repair.png")
@@ -254,9 +283,6 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         print(f"warning  {w}")
     print(f"result   {result.headline()}")
     if args.export:
-        example = calib_set[0][0].unsqueeze(0)
-        verify = [b[0] for b in loader(torch.utils.data.Subset(eval_set, list(range(min(16, len(eval_set))))),
-                                       args.batch_size)]
         rep = result.export_onnx(args.out / "repaired_qdq.onnx", example, verify_inputs=verify,
                                  uint8_weights=args.uint8_weights)
         steps = "n/a" if rep.max_error_steps is None else f"{rep.max_error_steps:.2f} output step(s)"
@@ -265,9 +291,69 @@ def _cmd_repair(args: argparse.Namespace) -> int:
               f"{rep.verified_on} inputs")
         for line in rep.differences:
             print(f"note     {line}")
+        if result.merge_outputs is not None:
+            print(f"note     the file's outputs are the split head groups {result.output_names}; "
+                  "RepairResult.merge_outputs (saved in result/merge.pt) joins them on the host")
     print(f"report   {report} (and report.html, the trial log trials.jsonl, the model in result/) in "
           f"{time.perf_counter() - t0:.0f} s")
     return 0 if result.reached else 1
+
+
+def _coco_folder(data: Path) -> Path:
+    """The image folder of a COCO-style folder (``annotations/*.json`` beside one image folder), or ``data``
+    itself when it holds the images."""
+    if (data / "annotations").is_dir():
+        folders = [d for d in sorted(data.iterdir()) if d.is_dir() and d.name != "annotations"]
+        if len(folders) != 1:
+            raise QSurgeryError(f"--data {data}: expected one image folder beside annotations/, found "
+                                f"{[d.name for d in folders]}")
+        return folders[0]
+    if (data.parent / "annotations").is_dir():
+        return data
+    raise QSurgeryError(f"--data {data} is not a COCO-style folder: it needs annotations/*.json (COCO boxes) "
+                        "beside one image folder")
+
+
+def _repair_detector(args: argparse.Namespace) -> int:
+    """``repair --task detect``: a detector from ``--model module:factory`` (returning an object with
+    ``model``, ``decode``, ``size`` and optionally ``stretch``), repaired to an mAP budget on COCO images."""
+    import importlib
+
+    from .detection import CocoImages, DetectionMetric
+    from .repair import Budget, RepairError, repair
+    from .targets import get_target
+
+    if args.data is None:
+        raise RepairError("--task detect needs --data: a COCO-style folder (images + annotations/*.json)")
+    if ":" not in args.model:
+        raise RepairError("--task detect needs --model module:factory, a function returning the detector with "
+                          "its decode (attributes model, decode, size, stretch)")
+    data = CocoImages(_coco_folder(args.data))
+    if args.calib >= len(data) - 1:
+        raise RepairError(f"--calib {args.calib} leaves too few of the {len(data)} images for selection and report")
+    target = get_target(args.target)
+    module_name, _, factory = args.model.partition(":")
+    try:
+        spec = getattr(importlib.import_module(module_name), factory)()
+    except (ImportError, AttributeError) as exc:
+        raise RepairError(f"cannot load --model {args.model}: {exc}") from exc
+    missing = [a for a in ("model", "decode", "size") if not hasattr(spec, a)]
+    if missing:
+        raise RepairError(f"--model {args.model} returned a {type(spec).__name__} without {missing}: --task detect "
+                          "needs an object with model, decode, size (and stretch for a plain resize)")
+    metric = DetectionMetric(data, spec.decode, size=spec.size, stretch=getattr(spec, "stretch", False))
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"model    {args.model}\nimages   {data.root} ({len(data)} images with boxes; {args.calib} calibrate, "
+          f"the rest select and report)\ntarget   {target.name}: {target.description}\n"
+          f"budget   at most {args.budget} point(s) of {metric.__name__} below float", flush=True)
+    x, positions = metric.images(args.batch_size)
+    calib = [x[i:i + args.batch_size] for i in range(0, args.calib, args.batch_size)]
+    result = repair(spec.model.eval(), calib, (x[args.calib:], positions[args.calib:]),
+                    budget=Budget(args.budget, metric, args.max_cost), target=target, remedies=args.remedy or None,
+                    selection=args.selection, max_trials=args.max_trials, out_dir=args.out, seed=args.seed,
+                    batch_size=args.batch_size, progress=not args.quiet)
+    return _finish(args, result, x[:1], [x[args.calib:args.calib + 8]], t0)
 
 
 def _write_html(path: Path, markdown: str, image: str) -> None:
@@ -313,11 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top1 (labeled --data) or agreement with float (default: top1 with --data, else agreement)")
     r.add_argument("--max-cost", type=float, help="largest cost relative to the plain quantized model")
     r.add_argument("--remedy", action="append", default=[], metavar="NAME",
-                   help="allow only these remedies (repeatable; default: every one the target allows)")
+                   help="allow only these remedies (repeatable; default: every one the target allows but "
+                        "distillation, which takes minutes per trial)")
     r.add_argument("--max-trials", type=int, default=24)
     r.add_argument("--selection", type=float, default=0.5, help="share of evaluation images that decide "
                    "(the rest only report)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--task", choices=("classify", "detect"), default="classify",
+                   help="detect: --model module:factory returns a detector (model, decode, size, stretch) and "
+                        "--data is a COCO-style folder; the budget is in mAP@0.5:0.95 points")
     r.add_argument("--no-export", dest="export", action="store_false", help="skip the verified QDQ ONNX")
     r.add_argument("--uint8-weights", action="store_true", help="store int8 weights as uint8 + 128 (same values): "
                    "exact integer kernels in onnxruntime on x86 CPUs without VNNI")

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import DataError
 
-__all__ = ["CocoImages", "letterbox", "nms", "coco_map", "coco_eval", "DetectionReport"]
+__all__ = ["CocoImages", "letterbox", "nms", "coco_map", "coco_eval", "DetectionReport", "DetectionMetric"]
 
 
 class CocoImages:
@@ -161,20 +161,86 @@ def detect(model: Callable, data: CocoImages, decode: Callable[[Any], torch.Tens
             if len(decoded) != len(infos):
                 raise DataError(f"decode returned {len(decoded)} images for a batch of {len(infos)}")
             for pred, info in zip(decoded, infos):
-                det = nms(pred.cpu(), conf=conf, iou=iou, max_det=max_det)
-                if det.numel() == 0:
-                    continue
-                (gx, gy), (px, py), (w0, h0) = info["gain"], info["pad"], info["orig_size"]
-                xyxy = det[:, :4].clone()
-                xyxy[:, [0, 2]] = ((xyxy[:, [0, 2]] - px) / gx).clamp(0, w0)
-                xyxy[:, [1, 3]] = ((xyxy[:, [1, 3]] - py) / gy).clamp(0, h0)
-                for (x1, y1, x2, y2), s, c in zip(xyxy.tolist(), det[:, 4].tolist(), det[:, 5].long().tolist()):
-                    if c >= len(data.categories):
-                        raise DataError(f"the detector predicts class {c}, the data set has "
-                                        f"{len(data.categories)} categories")
-                    results.append({"image_id": info["image_id"], "category_id": data.categories[c],
-                                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": s})
+                results += _results(pred, info, data.categories, conf, iou, max_det)
     return results
+
+
+def _results(pred: torch.Tensor, info: dict, categories: list[int], conf: float, iou: float, max_det: int
+             ) -> list[dict]:
+    """One image's decoded rows -> NMS -> COCO result dicts, boxes mapped back to the original image."""
+    det = nms(pred.cpu(), conf=conf, iou=iou, max_det=max_det)
+    if det.numel() == 0:
+        return []
+    (gx, gy), (px, py), (w0, h0) = info["gain"], info["pad"], info["orig_size"]
+    xyxy = det[:, :4].clone()
+    xyxy[:, [0, 2]] = ((xyxy[:, [0, 2]] - px) / gx).clamp(0, w0)
+    xyxy[:, [1, 3]] = ((xyxy[:, [1, 3]] - py) / gy).clamp(0, h0)
+    out = []
+    for (x1, y1, x2, y2), s, c in zip(xyxy.tolist(), det[:, 4].tolist(), det[:, 5].long().tolist()):
+        if c >= len(categories):
+            raise DataError(f"the detector predicts class {c}, the data set has {len(categories)} categories")
+        out.append({"image_id": info["image_id"], "category_id": categories[c], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": s})
+    return out
+
+
+class DetectionMetric:
+    """COCO box mAP, in points, of a detector's raw outputs: the evaluator contract for detectors, so the
+    recipe engine repairs them to an mAP budget (``Budget(max_drop=1.0, metric=DetectionMetric(...))``).
+
+    ``images()`` gives the preprocessed images and their positions in ``data``; those positions are the
+    "labels" the engine hands back with the outputs of any subset (selection or report part), so the metric
+    scores each part against its own images' boxes. ``at50``: mAP@0.5 instead of mAP@0.5:0.95."""
+
+    def __init__(self, data: CocoImages, decode: Callable[[Any], Any], *, size: int, stretch: bool = False,
+                 at50: bool = False, conf: float = 0.001, iou: float = 0.6, max_det: int = 300):
+        if not isinstance(data, CocoImages):
+            raise DataError(f"DetectionMetric needs CocoImages (images with COCO boxes), got {type(data).__name__}")
+        if not data.annotations:
+            raise DataError(f"the {len(data)} image(s) of {data.root} have no boxes in {data.annotation_file}: "
+                            "mAP cannot be measured")
+        self.data, self.decode, self.size, self.stretch = data, decode, size, stretch
+        self.at50, self.conf, self.iou, self.max_det = at50, conf, iou, max_det
+        self.__name__ = "mAP@0.5" if at50 else "mAP@0.5:0.95"
+        self._infos: list[dict] | None = None
+
+    def images(self, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every image preprocessed for the detector, and its position in ``data`` (the engine's labels)."""
+        xs, infos = [], []
+        for x, info in self.data.batches(self.size, batch_size, stretch=self.stretch):
+            xs.append(x)
+            infos += info
+        self._infos = infos
+        return torch.cat(xs), torch.arange(len(self.data))
+
+    def __call__(self, outputs: Any, labels: torch.Tensor | None) -> float:
+        report = self.report(outputs, labels)
+        return 100 * (report.map50 if self.at50 else report.map)
+
+    def report(self, outputs: Any, labels: torch.Tensor | None) -> DetectionReport:
+        """Both mAPs (fractions) and per-class AP of ``outputs`` for the images at positions ``labels``."""
+        if labels is None:
+            raise DataError("DetectionMetric needs the images' positions as labels: pass metric.images() as the "
+                            "evaluation data")
+        if self._infos is None:
+            self.images()
+        idx = [int(i) for i in labels]
+        if any(not 0 <= i < len(self.data) for i in idx):
+            raise DataError(f"image positions must lie in 0..{len(self.data) - 1}")
+        results: list[dict] = []
+        for start in range(0, len(idx), 16):
+            part = _rows(outputs, start, start + 16)
+            decoded = self.decode(part)
+            for pred, i in zip(decoded, idx[start:start + 16]):
+                results += _results(pred, self._infos[i], self.data.categories, self.conf, self.iou, self.max_det)
+        return coco_eval(results, self.data.subset(idx))
+
+
+def _rows(outputs: Any, a: int, b: int) -> Any:
+    """Rows ``a:b`` of a model's outputs (a tensor, or a list/tuple of them)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[a:b]
+    return type(outputs)(_rows(o, a, b) for o in outputs) if isinstance(outputs, (list, tuple)) else outputs
 
 
 def coco_map(model: Callable, data: CocoImages, decode: Callable[[Any], torch.Tensor], *, size: int,

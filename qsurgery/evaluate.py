@@ -21,7 +21,8 @@ def predict(model: nn.Module, data: Any, *, progress: bool = False, desc: str = 
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run ``model`` over ``data`` (a tensor, or an iterable of tensors / (inputs, labels) batches).
 
-    Returns the concatenated outputs (on the CPU) and the labels if every batch carried them.
+    Returns the concatenated outputs (on the CPU; a model with several outputs gives a tuple, each output
+    concatenated over the batches) and the labels if every batch carried them.
     """
     device = device_of(model)
     batches = [data] if isinstance(data, torch.Tensor) else data
@@ -33,7 +34,8 @@ def predict(model: nn.Module, data: Any, *, progress: bool = False, desc: str = 
             x, y = batch[0], (batch[1] if len(batch) > 1 else None)
         else:
             raise DataError(f"cannot read a batch of type {type(batch).__name__}")
-        outputs.append(model(x.to(device)).float().cpu())
+        out = model(x.to(device))
+        outputs.append(out.float().cpu() if isinstance(out, torch.Tensor) else tuple(o.float().cpu() for o in out))
         if y is None:
             all_labeled = False
         else:
@@ -43,6 +45,8 @@ def predict(model: nn.Module, data: Any, *, progress: bool = False, desc: str = 
     lab = torch.cat(labels) if all_labeled and labels else None
     if lab is not None and (lab < 0).any():
         lab = None
+    if isinstance(outputs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outputs)), lab
     return torch.cat(outputs), lab
 
 

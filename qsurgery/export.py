@@ -378,6 +378,7 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
             onnx_model, simplified = _simplify(onnx_model)
         onnx.checker.check_model(onnx_model)
         onnx.save(onnx_model, tmp_name)
+        _user_mode(tmp_name)
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
@@ -417,7 +418,16 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    _user_mode(tmp)
     os.replace(tmp, path)
+
+
+def _user_mode(path: str) -> None:
+    """Give a file written through ``mkstemp`` (mode 0600) the permissions any new file of the user gets
+    (0666 less the umask), so that the model can be read where ``plan.json`` beside it can."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _explain_export_failure(exc: Exception, model: nn.Module, opset: int) -> str:

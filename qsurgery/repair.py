@@ -144,6 +144,8 @@ class _State:
     config: QuantConfig
     steps: list[dict] = field(default_factory=list)
     reference: fx.GraphModule | None = None  # the float model as of the last exact step (None: ``graph``)
+    merge: Callable | None = None  # rebuilds the original outputs from a split graph's (split_head)
+    output_names: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +163,7 @@ class Remedy:
     apply: Callable[[_Context, _State, Proposal], _State]
     forbidden_on: Callable[[Target], str | None] = lambda _t: None
     free: bool = True
+    default: bool = True  # used when ``repair(remedies=None)``; False: only when named (slow remedies)
 
 
 REMEDIES: dict[str, Remedy] = {}
@@ -197,8 +200,21 @@ def _batches(x: torch.Tensor, bs: int) -> list[torch.Tensor]:
     return [x[i:i + bs] for i in range(0, len(x), bs)]
 
 
-def _outputs(model: nn.Module, x: torch.Tensor, bs: int) -> torch.Tensor:
-    out, _ = predict(model, _batches(x, bs))
+class _Merged(nn.Module):
+    """A split model seen through its output merge: the outputs the original model gives."""
+
+    def __init__(self, inner: nn.Module, merge: Callable):
+        super().__init__()
+        self.inner, self.merge = inner, merge
+
+    def forward(self, *x: torch.Tensor) -> Any:
+        return self.merge(self.inner(*x))
+
+
+def _outputs(model: nn.Module, x: torch.Tensor, bs: int, merge: Callable | None = None) -> Any:
+    """The model's outputs on ``x`` (a tensor, or a tuple of tensors for several outputs), in the original
+    model's structure when ``merge`` is given."""
+    out, _ = predict(_Merged(model, merge) if merge is not None else model, _batches(x, bs))
     return out
 
 
@@ -220,7 +236,7 @@ def _measure(ctx: _Context, state: _State, sim: SimulatedModel | None = None) ->
     """``state`` on the selection images (``sim``: its simulation, if already built)."""
     sim, plan = (sim, sim.plan) if sim is not None else _build(ctx, state)
     ctx.target.check(plan)
-    out = _outputs(sim, ctx.sel_x, ctx.batch_size)
+    out = _outputs(sim, ctx.sel_x, ctx.batch_size, state.merge)
     pc = plan_cost(state.graph, plan, ctx.target)
     return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _kl(ctx.sel_ref, out),
                     _agreement(ctx.sel_ref, out), pc.total / ctx.base_cost, _drop_se(ctx, out), pc), sim
@@ -228,7 +244,7 @@ def _measure(ctx: _Context, state: _State, sim: SimulatedModel | None = None) ->
 
 def _agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
     """Top-1 agreement with float in points; NaN for outputs that are not class scores."""
-    return score(out, None, "agreement", ref) if out.dim() == 2 else float("nan")
+    return score(out, None, "agreement", ref) if isinstance(out, torch.Tensor) and out.dim() == 2 else float("nan")
 
 
 def _per_image(metric: Any, out: torch.Tensor, labels: torch.Tensor | None, ref: torch.Tensor
@@ -249,8 +265,12 @@ def _drop_se(ctx: _Context, out: torch.Tensor) -> float:
     return _paired_se(f, q)
 
 
-def _kl(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return kl_divergence(ref, out) if ref.dim() == 2 else float((ref - out).pow(2).mean() / ref.pow(2).mean())
+def _kl(ref: Any, out: Any) -> float:
+    """The one distance from float: KL of class scores, else the relative squared error summed over outputs."""
+    if isinstance(ref, torch.Tensor) and ref.dim() == 2:
+        return kl_divergence(ref, out)
+    refs, outs = (ref, out) if isinstance(ref, (tuple, list)) else ((ref,), (out,))
+    return float(sum((r - o).pow(2).mean() / r.pow(2).mean().clamp(min=1e-12) for r, o in zip(refs, outs)))
 
 
 # ---------------------------------------------------------------------- remedies
@@ -277,7 +297,8 @@ def _graph_remedy(name: str, prior_strict: float, prior_plain: float, why: str, 
         graph = fn(ctx, state)
         exact = REMEDIES[name].exact
         reference = None if exact else (state.reference if state.reference is not None else state.graph)
-        return _State(graph, state.config, state.steps + [{"remedy": name, "params": {}}], reference)
+        return _State(graph, state.config, state.steps + [{"remedy": name, "params": {}}], reference, state.merge,
+                      state.output_names)
 
     return propose, apply
 
@@ -301,6 +322,13 @@ def _learned_rounding(ctx: _Context, state: _State) -> fx.GraphModule:
                             progress=ctx.progress).graph
 
 
+def _distillation(ctx: _Context, state: _State) -> fx.GraphModule:
+    from .passes.distillation import distill_quantized
+
+    return distill_quantized(state.graph, ctx.calib, state.config, reference=state.reference, seed=ctx.seed,
+                             progress=ctx.progress).graph
+
+
 for _name, _strict, _plain, _why, _fn, _fixes, _exact in (
     ("equalize", 0.6, 0.05, "per-channel weight ranges differ widely under one scale (cross-layer equalization)",
      _equalize, ("per-tensor weights", "power-of-two scales"), True),
@@ -308,10 +336,13 @@ for _name, _strict, _plain, _why, _fn, _fixes, _exact in (
      ("per-tensor weights", "power-of-two scales", "4-bit weights", "mean shift"), False),
     ("learned_rounding", 0.4, 0.05, "round-to-nearest is not the best rounding for the layer's output",
      _learned_rounding, ("4-bit weights", "per-tensor weights", "power-of-two scales"), False),
+    ("distillation", 0.3, 0.02, "train the weights through the quantization against the float model's outputs "
+     "(the last resort: minutes per trial)", _distillation,
+     ("4-bit weights", "per-tensor weights", "power-of-two scales", "int8 error"), False),
 ):
     _p, _a = _graph_remedy(_name, _strict, _plain, _why, _fn)
     register_remedy(Remedy(_name, _fixes, _exact, "calibration images (no labels)" if _name != "equalize" else
-                           "nothing", False, _why, _p, _a))
+                           "nothing", False, _why, _p, _a, default=_name != "distillation"))
 
 
 def _observer_propose(ctx: _Context, state: _State) -> list[Proposal]:
@@ -328,7 +359,7 @@ def _observer_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
         cfg = replace(cfg, activation=replace(cfg.activation, observer=p.params["observer"]))
     if "weight_observer" in p.params:
         cfg = replace(cfg, weight=replace(cfg.weight, observer=p.params["weight_observer"]))
-    return _State(state.graph, cfg, state.steps + [{"remedy": "observer", "params": p.params}], state.reference)
+    return replace(state, config=cfg, steps=state.steps + [{"remedy": "observer", "params": p.params}])
 
 
 register_remedy(Remedy("observer", ("activation outliers",), False, "calibration images", False,
@@ -385,19 +416,31 @@ def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
 
     sim, _ = _build(ctx, state)
     x = ctx.sel_x[:32]
-    report = sensitivity(state.graph, None, _batches(x, ctx.batch_size), metric="kl", mode="float_one",
-                         simulated=sim, progress=ctx.progress)
-    ranking = {r.layer: float(r.delta) for r in report.rows}
-    for r in report.rows[:5]:
-        if r.delta > 0:
-            ctx.findings.append(Finding(r.layer, "int8 error", f"kept float, the output KL falls by {r.delta:.4g} "
-                                                                 f"(of {report.baseline:.4g})"))
+    if isinstance(ctx.sel_ref, torch.Tensor) and ctx.sel_ref.dim() == 2:
+        report = sensitivity(state.graph, None, _batches(x, ctx.batch_size), metric="kl", mode="float_one",
+                             simulated=sim, progress=ctx.progress)
+        ranking, baseline = {r.layer: float(r.delta) for r in report.rows}, report.baseline
+    else:  # several outputs (detectors): the one distance from float, each layer run float in turn
+        x = x[:16]
+        ref = _outputs(state.graph, x, ctx.batch_size)
+        baseline = _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge))
+        ranking = {}
+        for layer in tqdm(sim.quantized_names(), desc="ranking layers", unit="layer", disable=not ctx.progress,
+                          leave=False):
+            sim.set_quantized(layer, False)
+            ranking[layer] = baseline - _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge))
+            sim.set_quantized(layer, True)
+        ranking = dict(sorted(ranking.items(), key=lambda kv: -kv[1]))
+    for layer, delta in list(ranking.items())[:5]:
+        if delta > 0:
+            ctx.findings.append(Finding(layer, "int8 error", f"kept float, the distance from float falls by "
+                                                             f"{delta:.4g} (of {baseline:.4g})"))
     return ranking
 
 
 def _precision_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
     cfg = _with_format(state.config, p.params["layer"], p.params["format"])
-    return _State(state.graph, cfg, state.steps + [{"remedy": "precision", "params": p.params}], state.reference)
+    return replace(state, config=cfg, steps=state.steps + [{"remedy": "precision", "params": p.params}])
 
 
 register_remedy(Remedy("precision", ("int8 error",), False, "selection images (ranking)", False,
@@ -405,6 +448,43 @@ register_remedy(Remedy("precision", ("int8 error",), False, "selection images (r
                        _precision_apply, free=False,
                        forbidden_on=lambda t: None if t.mixed else f"target {t.name} runs every layer in "
                                                                    f"{t.default}"))
+
+
+def _split_head_propose(ctx: _Context, state: _State) -> list[Proposal]:
+    from .passes.split_head import find_heads
+
+    if state.merge is not None or state.reference is not None:  # split once, before approximate steps
+        return []
+    if "heads" not in ctx.proposals:
+        ctx.proposals["heads"] = find_heads(state.graph, ctx.calib)
+    heads = ctx.proposals["heads"]
+    worthy = [h for h in heads if h.get("split_worthy", True)]
+    if not worthy:
+        return []
+    lost = max(h["bits_lost"] for h in worthy)
+    why = (f"{len(worthy)} head conv(s) share one int8 scale across channels of different ranges (up to "
+           f"{lost:.1f} bits lost)")
+    out = [Proposal("split_head", {"groups": "auto"}, why, 0.5)]
+    if all((h["channels"] % 3 == 0 and h["channels"] // 3 > 5) for h in worthy):  # anchors x (box, obj, classes)
+        out += [Proposal("split_head", {"groups": "yolo"}, why + "; YOLO layout: box | objectness | classes", 0.6),
+                Proposal("split_head", {"groups": "yolo", "score_floor": -8.0}, why + "; YOLO layout, score "
+                         "logits below -8 saturate (sigmoid 3e-4)", 0.55)]
+    return out
+
+
+def _split_head_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
+    from .passes.split_head import split_head
+
+    result = split_head(state.graph, groups=p.params["groups"], calib_data=ctx.calib,
+                        score_floor=p.params.get("score_floor"))
+    return replace(state, graph=result.graph, steps=state.steps + [{"remedy": "split_head", "params": p.params}],
+                   merge=result.merge_outputs, output_names=result.output_names)
+
+
+register_remedy(Remedy("split_head", ("detection head",), True, "calibration images (channel ranges)", False,
+                       "split a detection head conv per channel group, each group with its own int8 scale; "
+                       "the outputs are merged on the host, outside the int8 graph", _split_head_propose,
+                       _split_head_apply))
 
 
 # ---------------------------------------------------------------------- the result
@@ -447,6 +527,14 @@ class RepairResult:
     seconds: dict[str, float]
     warnings: list[str] = field(default_factory=list)
     default_format: str = "int8"
+    merge_outputs: Callable | None = None  # split heads: the host-side merge back to the original outputs
+    output_names: list[str] | None = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The repaired quantized model as a module that gives the original model's outputs (a split head's
+        groups merged on the host)."""
+        return _Merged(self.sim, self.merge_outputs) if self.merge_outputs is not None else self.sim
 
     @property
     def default_mac_share(self) -> float:
@@ -526,6 +614,9 @@ class RepairResult:
         directory.mkdir(parents=True, exist_ok=True)
         save(self.graph, directory / "graph.pt")
         torch.save(self.config, directory / "config.pt")
+        if self.merge_outputs is not None:
+            torch.save({"merge_outputs": self.merge_outputs, "output_names": self.output_names},
+                       directory / "merge.pt")
         self.plan.to_json(directory / "plan.json")
         (directory / "repair.md").write_text(self.to_markdown())
         (directory / "repair.json").write_text(json.dumps(self._record(), indent=1, default=str))
@@ -540,9 +631,13 @@ class RepairResult:
                 "seconds": self.seconds, "warnings": self.warnings, "default_mac_share": self.default_mac_share}
 
     def export_onnx(self, path: str | Path, example_inputs: torch.Tensor, **kwargs: Any):
-        """The repaired model as QDQ ONNX, verified against the simulation and the integer twin."""
+        """The repaired model as QDQ ONNX, verified against the simulation and the integer twin. A split head's
+        groups are separate outputs of the file (named by ``output_names``); ``merge_outputs`` joins them on
+        the host, outside the integer graph."""
         from .export import export_onnx
 
+        if self.output_names is not None:
+            kwargs.setdefault("output_names", self.output_names)
         return export_onnx(self.sim, path, example_inputs, **kwargs)
 
 
@@ -621,14 +716,16 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     labels for ``top1`` (a ``(inputs, labels)`` pair of tensors, a Dataset or batches); ``selection`` of
     them (seeded) decide, the rest report; with ``report_data`` (a fixed test set) all of ``eval_data``
     decides and ``report_data`` reports. ``remedies``: names from :data:`REMEDIES` (default: every one
-    the target allows). A trial is kept when it lowers the selection KL by at least ``min_gain`` (relative).
+    the target allows, except those registered ``default=False``: ``distillation``, minutes per trial). A
+    trial is kept when it lowers the selection KL by at least ``min_gain`` (relative); on a callable metric
+    (mAP) when the metric rises, or stays while the distance from float falls by ``min_gain``.
     ``out_dir``: where trials are kept for resuming (and the result saved)."""
     t_start = time.perf_counter()
     budget = budget or Budget()
     if not isinstance(budget, Budget):
         raise RepairError(f"budget must be a qsurgery.Budget, got {type(budget).__name__}")
     target = get_target(target)
-    names = list(REMEDIES) if remedies is None else list(remedies)
+    names = [n for n, r in REMEDIES.items() if r.default] if remedies is None else list(remedies)
     unknown = [n for n in names if n not in REMEDIES]
     if unknown:
         raise RepairError(f"unknown remedy {unknown[0]!r}; known: {sorted(REMEDIES)}")
@@ -760,9 +857,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
             new_sim = None
         else:
             after, new_sim = _measure(ctx, new_state)
-        accepted = after.kl < current.kl * (1 - min_gain) and (budget.max_cost is None or after.cost <= budget.max_cost)
-        reason = (f"KL {current.kl:.4g} -> {after.kl:.4g}" + (" (kept)" if accepted else
-                                                             f" (needs a {100 * min_gain:.0f} % fall)"))
+        accepted, reason = _judge(current, after, budget, min_gain)
         trial = Trial({"remedy": p.remedy, "params": p.params, "why": p.why}, current.metric, after.metric,
                       current.kl, after.kl, after.cost, accepted, reason, time.perf_counter() - t, rec is not None)
         trials.append(trial)
@@ -783,7 +878,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
         current, sim = _measure(ctx, state)
     plan = sim.plan
     base_rep = _outputs(sim0, rep_x, batch_size)
-    fixed_rep = _outputs(sim, rep_x, batch_size)
+    fixed_rep = _outputs(sim, rep_x, batch_size, state.merge)
     f_rep = score(rep_ref, rep_y, budget.metric, rep_ref)
     fixed_each = _per_image(budget.metric, fixed_rep, rep_y, rep_ref)
     float_each = _per_image(budget.metric, rep_ref, rep_y, rep_ref)
@@ -802,10 +897,27 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
                                                  "kl_baseline": base_measure.kl, "kl_repaired": current.kl,
                                                  "drop_bound": bound(current),
                                                  "confidence": budget.confidence},
-                          report, current.plan_cost, current.cost, seconds, warnings_, target.default)
+                          report, current.plan_cost, current.cost, seconds, warnings_, target.default, state.merge,
+                          state.output_names)
     if out_dir is not None:
         result.save(out_dir / "result")
     return result
+
+
+def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) -> tuple[bool, str]:
+    """Whether a trial is kept, and why. Class scores: the KL from float must fall by ``min_gain`` (top-1 on
+    a few hundred images moves in coarse steps). A callable metric (mAP) is its own soft signal, and the
+    distance of raw detector maps from float can rise where the metric gains (saturated low score logits):
+    the metric must rise, or stay and the distance fall by ``min_gain``; it may never fall."""
+    if budget.max_cost is not None and after.cost > budget.max_cost:
+        return False, f"cost x{after.cost:.3f} over the cap x{budget.max_cost}"
+    fell = after.kl < current.kl * (1 - min_gain)
+    if callable(budget.metric):
+        ok = after.metric > current.metric or (after.metric == current.metric and fell)
+        return ok, (f"{budget.metric_name} {current.metric:.2f} -> {after.metric:.2f}, distance {current.kl:.4g} -> "
+                    f"{after.kl:.4g}" + (" (kept)" if ok else " (needs a higher metric)"))
+    return fell, (f"KL {current.kl:.4g} -> {after.kl:.4g}" + (" (kept)" if fell else
+                                                              f" (needs a {100 * min_gain:.0f} % fall)"))
 
 
 def _trial_key(state: _State, p: Proposal) -> str:

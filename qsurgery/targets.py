@@ -16,10 +16,13 @@ Per-layer formats, by name:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 from .quant.config import QuantConfig, TensorFormat
-from .quant.plan import QuantPlan
+
+if TYPE_CHECKING:
+    from .quant.plan import QuantPlan
 
 __all__ = ["Target", "TARGETS", "get_target", "FORMATS", "layer_format"]
 

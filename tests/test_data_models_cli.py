@@ -144,3 +144,15 @@ def test_create_model_from_a_factory_path_and_a_checkpoint(tmp_path):
     assert all(float(v.abs().sum()) == 0 for v in loaded.state_dict().values())
     with pytest.raises(ModelLoadError, match="does not fit"):
         create_model("resnet18", checkpoint=ckpt)
+
+
+def test_cli_help_and_import_need_no_torch():
+    """``qsurgery --help`` and ``import qsurgery`` load nothing heavy; names load on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, qsurgery, qsurgery.cli; assert 'torch' not in sys.modules, 'torch imported'; "
+            "qsurgery.cli.build_parser().format_help(); assert 'torch' not in sys.modules; "
+            "assert qsurgery.QuantConfig.int8().weight.bits == 8; from qsurgery.repair import REMEDIES; "
+            "import qsurgery.capture; assert callable(qsurgery.repair) and callable(qsurgery.capture)")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -452,3 +452,78 @@ def test_recipe_splits_fused_heads_and_keeps_decoupled_concats_float(tiny, tmp_p
 
 def layer_is_float(layer) -> bool:
     return layer.activation is not None and layer.activation.dtype == "float"
+
+
+def test_detection_metric_scores_any_part_by_its_own_images(tmp_path):
+    """DetectionMetric is the engine's evaluator contract for detectors: outputs of any subset of the images,
+    with their positions as labels, score against those images' boxes only."""
+    from qsurgery.detection import DetectionMetric
+
+    data = _synthetic_coco(tmp_path, n=8)
+    cls = [0 if a["category_id"] == 1 else 1 for a in data.annotations]
+
+    def decode(x):  # finds the white rectangle; the class rides in the top-left pixel's red channel
+        rows = []
+        for img in x:
+            mask = img[1:].mean(0) > 0.9
+            ys, xs = mask.nonzero(as_tuple=True)
+            x1, x2, y1, y2 = xs.min().item(), xs.max().item() + 1, ys.min().item(), ys.max().item() + 1
+            scores = [0.0, 0.0]
+            scores[int(img[0, 0, 0] > 0.5)] = 0.9
+            rows.append(torch.tensor([[(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1, *scores]]))
+        return rows
+
+    metric = DetectionMetric(data, decode, size=96, at50=True)
+    x, positions = metric.images(batch_size=3)
+    assert len(x) == len(positions) == 8 and metric.__name__ == "mAP@0.5"
+    x = x.clone()
+    x[:, 0, 0, 0] = torch.tensor(cls, dtype=torch.float32)
+    assert metric(x, positions) == pytest.approx(100.0)
+    part = torch.tensor([5, 1, 6])
+    assert metric(x[part], part) == pytest.approx(100.0)  # scored against images 5, 1, 6 only
+    wrong = x[part].clone()
+    wrong[0, 0, 0, 0] = 1 - wrong[0, 0, 0, 0]  # one image's class wrong
+    assert metric(wrong, part) < 100.0
+    with pytest.raises(qsurgery.DataError, match="positions"):
+        metric(x, None)
+
+
+def tiny_detector():
+    """``module:factory`` for the CLI test: TinyYolo with a decode (cx, cy, w, h, class scores per cell)."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+
+    def decode(outputs):
+        rows = []
+        for level in outputs:
+            n, _c, h, w = level.shape
+            p = level.reshape(n, NA, F, h, w).permute(0, 1, 3, 4, 2).reshape(n, -1, F).sigmoid()
+            box = p[..., :4] * 32
+            rows.append(torch.cat([box, p[..., 4:5] * p[..., 5:]], -1))
+        return list(torch.cat(rows, 1))
+
+    return SimpleNamespace(model=TinyYolo().eval(), decode=decode, size=32, stretch=True)
+
+
+def test_cli_repairs_a_detector_on_a_coco_folder(tmp_path, capsys):
+    from qsurgery.cli import main
+
+    (tmp_path / "coco").mkdir()
+    _synthetic_coco(tmp_path / "coco", n=12)
+    (tmp_path / "coco" / "annotations").mkdir()
+    (tmp_path / "coco" / "ann.json").rename(tmp_path / "coco" / "annotations" / "ann.json")
+    out = tmp_path / "out"
+    code = main(["repair", "--task", "detect", "--model", "test_detection:tiny_detector", "--data",
+                 str(tmp_path / "coco"), "--calib", "4", "--batch-size", "4", "--target", "full-int8",
+                 "--max-trials", "2", "--remedy", "split_head", "--out", str(out), "--quiet", "--uint8-weights"])
+    text = capsys.readouterr().out
+    assert code in (0, 1) and "mAP@0.5:0.95" in text and "onnx" in text
+    assert (out / "report.md").is_file() and (out / "repaired_qdq.onnx").is_file()
+    (tmp_path / "plain").mkdir()
+    assert main(["repair", "--task", "detect", "--model", "test_detection:tiny_detector", "--data",
+                 str(tmp_path / "plain"), "--out", str(tmp_path / "o2")]) == 2
+    assert "COCO-style" in capsys.readouterr().err
+    assert main(["repair", "--task", "detect", "--model", "test_detection:nope", "--data",
+                 str(tmp_path / "coco"), "--calib", "4", "--out", str(tmp_path / "o2")]) == 2
+    assert "cannot load --model" in capsys.readouterr().err

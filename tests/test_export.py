@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 
 import onnx
 import pytest
@@ -40,6 +42,10 @@ def test_qdq_export_carries_our_scales_exactly(simulated, tmp_path):
     assert report.qdq_pairs == len(plan) == 6 and report.int_weights == 3
     assert report.max_error_steps <= 1.0 and report.top1_agreement == 1.0
     assert all(steps <= 1.0 for _, steps, _ in report.layer_differences)  # at most rounding-tie flips
+    umask = os.umask(0)
+    os.umask(umask)
+    for written in (report.path, ranges):  # the user's normal permissions, not mkstemp's 0600
+        assert stat.S_IMODE(written.stat().st_mode) == 0o666 & ~umask
     model = onnx.load(str(report.path))
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
     dq_weights = [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]

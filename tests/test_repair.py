@@ -188,3 +188,63 @@ def test_budget_is_judged_with_the_selection_images_uncertainty(net):
     assert Budget(1.0, confidence=0.5).z == 0.0
     with pytest.raises(RepairError, match="confidence"):
         Budget(1.0, confidence=1.0)
+
+
+def test_saved_repair_folder_loads_as_a_working_model(net, tmp_path):
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST,
+               progress=False, max_trials=3)
+    loaded = qsurgery.load(r.save(tmp_path / "saved"))  # no calibration data: the plan's ranges
+    with torch.no_grad():
+        assert torch.equal(loaded(x[:16]), r.sim(x[:16]))
+    assert loaded.record["steps"] == r.steps
+    with pytest.raises(qsurgery.QSurgeryError, match="not a saved repair"):
+        qsurgery.load(tmp_path)
+
+
+def test_repairs_a_detector_head_to_a_callable_metric_and_keeps_its_outputs(tmp_path):
+    """A fused-head detector on a full-int8 target: the engine splits the head (its score channels dwarf the
+    box channels), judges on the metric it is given (positions of the images as labels, as DetectionMetric
+    does), keeps the original output structure through the merge, and exports and reloads the split model."""
+    from test_detection import TinyYolo
+
+    torch.manual_seed(0)
+    model = TinyYolo().eval()
+    calib = [torch.rand(8, 3, 32, 32) for _ in range(3)]
+    x = torch.rand(48, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+
+    def box_fidelity(outputs, positions):  # points: how close the box channels stay to float's
+        errs = []
+        for out, r in zip(outputs, ref):
+            r = r[positions]
+            box = [c for a in range(3) for c in range(a * 7, a * 7 + 4)]
+            errs.append(float((out[:, box] - r[:, box]).pow(2).mean() / r[:, box].pow(2).mean()))
+        return 100 * (1 - sum(errs) / len(errs))
+
+    r = repair(model, calib, (x, torch.arange(len(x))), budget=Budget(0.1, box_fidelity), target="full-int8",
+               remedies=["split_head", "observer"], progress=False, max_trials=4)
+    assert r.steps and r.steps[0]["remedy"] == "split_head"
+    assert all(t.metric_after > t.metric_before for t in r.trials if t.accepted)
+    assert r.report.repaired_metric > r.report.baseline_metric
+    assert r.merge_outputs is not None and len(r.output_names) > 2
+    with torch.no_grad():
+        merged = r.merge_outputs(r.sim(x[:4]))
+    assert isinstance(merged, list) and [t.shape for t in merged] == [t[:4].shape for t in ref]
+    rep = r.export_onnx(tmp_path / "det.onnx", x[:1], verify_inputs=[x[:8]], uint8_weights=True)
+    assert rep.max_error_steps is not None and rep.max_error_steps <= 1.0
+    loaded = qsurgery.load(r.save(tmp_path / "saved"))
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(loaded(x[:4]), merged))
+
+
+def test_distillation_is_tried_only_when_named(net):
+    m, calib, x, y = net
+    assert not qsurgery.REMEDIES["distillation"].default
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8", remedies=["observer"],
+               progress=False, max_trials=2)
+    assert all(t.proposal["remedy"] != "distillation" for t in r.trials)
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8", remedies=["distillation"],
+               progress=False, max_trials=2)
+    assert [t.proposal["remedy"] for t in r.trials] == ["distillation"]

@@ -1,5 +1,5 @@
-"""Cross-layer equalization, bias correction and learned rounding: exactness, the defects they fix, formats,
-determinism, the export carrying them, and bad input."""
+"""Cross-layer equalization, bias correction, learned rounding and quantization-aware distillation: exactness,
+the defects they fix, formats, determinism, the export carrying them, and bad input."""
 
 from dataclasses import replace
 
@@ -11,7 +11,7 @@ import qsurgery
 from qsurgery import QuantConfig
 from qsurgery.errors import CalibrationError, ConfigError
 from qsurgery.graph import WEIGHT_SCALES, ChannelClip
-from qsurgery.passes import bias_correction, equalize, find_pairs, learned_rounding
+from qsurgery.passes import bias_correction, distill_quantized, equalize, find_pairs, learned_rounding
 
 
 class DepthwiseNet(nn.Module):
@@ -202,3 +202,34 @@ def test_techniques_survive_save_load_and_export(tmp_path):
     report = qsurgery.export_onnx(sim_b, tmp_path / "q.onnx", test[:1], verify_inputs=[test[:8]])
     assert report.max_error_steps is not None and report.max_error_steps <= 1.0
     assert report.top1_agreement == 1.0
+
+
+def test_distillation_trains_the_quantized_model_towards_float_and_keeps_its_grids():
+    _, graph, calib, test = _setup()
+    config = _w4()
+    before = _params(graph)
+    result = distill_quantized(graph, calib, config, steps=60, lr=3e-4, batch_size=16, progress=False)
+    assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())  # the input is not modified
+    assert not result.exact and result.float_error < 0.8 and result.changes
+    assert _err(graph, result.graph, calib, test, config) < _err(graph, graph, calib, test, config)
+    sim, plan = qsurgery.quantize(result.graph, calib, config, progress=False)
+    pins = result.graph.meta[WEIGHT_SCALES]
+    for layer in plan:
+        if layer.weight is not None:
+            assert torch.equal(pins[layer.module][1], layer.weight_scale)  # the grid it was trained on
+    again = distill_quantized(graph, calib, config, steps=60, lr=3e-4, batch_size=16, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(result.graph.state_dict().values(),
+                                                  again.graph.state_dict().values()))
+
+
+def test_distillation_bad_input():
+    _, graph, calib, _ = _setup()
+    with pytest.raises(ConfigError, match="steps"):
+        distill_quantized(graph, calib, _w4(), steps=0, progress=False)
+    with pytest.raises(CalibrationError, match="at least 2"):
+        distill_quantized(graph, [images(1)], _w4(), progress=False)
+    with pytest.raises(CalibrationError):
+        distill_quantized(graph, [], _w4(), progress=False)
+    # a learning rate that cannot help leaves the weights as they were, and says so
+    r = distill_quantized(graph, calib, _w4(), steps=2, lr=1e3, progress=False)
+    assert r.float_error == 1.0 and any("did not lower" in n for n in r.notes)

@@ -44,3 +44,14 @@ def load_detector(name: str, weights: str | Path | None = None) -> Detector:
         model = yolov5.load(sd)
         return Detector(name, model, yolov5.decoder(model), 640, False)
     raise ValueError(f"unknown detector {name!r}: yolo-fastest or yolov5n")
+
+
+def yolo_fastest() -> Detector:
+    """Yolo-Fastest-1.1-XL from ``../shared/data/yolo-fastest`` (for ``qsurgery repair --task detect --model
+    examples.detectors:yolo_fastest``)."""
+    return load_detector("yolo-fastest")
+
+
+def yolov5n() -> Detector:
+    """YOLOv5n from ``../shared/data/yolov5n``."""
+    return load_detector("yolov5n")

@@ -1,10 +1,11 @@
 """Graph passes: FX graph -> new FX graph (the input graph is never modified), each returning a PassResult;
-``equalize``, ``bias_correction`` and ``learned_rounding`` are the techniques for strict devices;
+``equalize``, ``bias_correction``, ``learned_rounding`` and ``distill_quantized`` are the techniques for strict devices;
 ``assign_precision`` is the plan-level pass (graph + plan -> a mixed-precision plan)."""
 
 from .assign_precision import PrecisionResult, assign_precision
 from .bias_correction import bias_correction
 from .common import PassResult, distill, graph_cost
+from .distillation import distill_quantized
 from .dw_to_dense import SeparableUnit, dw_to_dense, find_separable
 from .equalize import equalize, find_pairs
 from .learned_rounding import learned_rounding
@@ -14,4 +15,5 @@ from .split_head import ChannelMerge, channel_ranges, find_heads, split_head
 __all__ = ["PassResult", "graph_cost", "distill", "dw_to_dense", "find_separable", "SeparableUnit", "split_head",
            "find_heads", "channel_ranges", "ChannelMerge", "assign_precision", "PrecisionResult",
            "prune_channels", "channel_groups", "ChannelGroups", "pruning_sensitivity", "PruningSensitivity",
-           "equalize", "find_pairs", "bias_correction", "learned_rounding"]
+           "equalize", "find_pairs", "bias_correction", "learned_rounding",
+           "distill_quantized"]

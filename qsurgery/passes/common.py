@@ -15,7 +15,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import CalibrationError
 from ..graph import device_of, module_macs
 
-__all__ = ["PassResult", "graph_cost", "refresh_shapes", "distill", "folded_copy"]
+__all__ = ["PassResult", "graph_cost", "refresh_shapes", "distill", "folded_copy", "output_loss"]
 
 
 def refresh_shapes(gm: fx.GraphModule) -> None:
@@ -92,6 +92,16 @@ def distill(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any, *
     return new
 
 
+def output_loss(out: Any, ref: Any) -> torch.Tensor:
+    """How far a model's outputs are from the reference's: KL for class scores (2-d), mean squared error for
+    other outputs (summed over the outputs of a multi-output model). The one distillation loss."""
+    if isinstance(ref, torch.Tensor) and ref.dim() == 2:
+        return F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean")
+    ref_l = ref if isinstance(ref, (list, tuple)) else [ref]
+    out_l = out if isinstance(out, (list, tuple)) else [out]
+    return sum(F.mse_loss(o, r) for o, r in zip(out_l, ref_l))
+
+
 def _distill_(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any, steps: int, lr: float,
               trainable: Sequence[str] | None = None) -> None:
     from ..quant.simulate import graph_inputs
@@ -120,13 +130,7 @@ def _distill_(student: fx.GraphModule, teacher: fx.GraphModule, calib_data: Any,
             x = [t.to(device) for t in batches[step % len(batches)]]
             with torch.no_grad():
                 ref = teacher(*x)
-            out = student(*x)
-            if isinstance(ref, torch.Tensor) and ref.dim() == 2:
-                loss = F.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True, reduction="batchmean")
-            else:
-                ref_l = ref if isinstance(ref, (list, tuple)) else [ref]
-                out_l = out if isinstance(out, (list, tuple)) else [out]
-                loss = sum(F.mse_loss(o, r) for o, r in zip(out_l, ref_l))
+            loss = output_loss(student(*x), ref)
             opt.zero_grad()
             loss.backward()
             opt.step()

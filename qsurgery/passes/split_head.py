@@ -390,23 +390,29 @@ def split_head(graph: fx.GraphModule, convs: Sequence[str] | None = None, *, gro
     return result
 
 
-def _make_merger(flat_out: list, replaced: dict[int, tuple[list[list[int]], int]], spec) -> Callable:
-    """The host-side function that turns the split model's flat outputs back into the original outputs."""
-    mergers = {i: ChannelMerge(parts) for i, (parts, _n) in replaced.items()}
-    counts = [replaced[i][1] if i in replaced else 1 for i in range(len(flat_out))]
+class OutputMerge:
+    """The host-side function that turns the split model's flat outputs back into the original outputs
+    (a class, not a closure, so a repaired model saves and reloads with it)."""
 
-    def merge_outputs(outputs: Sequence[torch.Tensor]) -> Any:
+    def __init__(self, flat_count: int, replaced: dict[int, tuple[list[list[int]], int]], spec: Any):
+        self.mergers = {i: ChannelMerge(parts) for i, (parts, _n) in replaced.items()}
+        self.counts = [replaced[i][1] if i in replaced else 1 for i in range(flat_count)]
+        self.spec = spec
+
+    def __call__(self, outputs: Sequence[torch.Tensor]) -> Any:
         outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
-        if len(outputs) != sum(counts):
-            raise ConfigError(f"expected {sum(counts)} split outputs, got {len(outputs)}")
+        if len(outputs) != sum(self.counts):
+            raise ConfigError(f"expected {sum(self.counts)} split outputs, got {len(outputs)}")
         leaves, k = [], 0
-        for i, n in enumerate(counts):
+        for i, n in enumerate(self.counts):
             part = outputs[k:k + n]
-            leaves.append(mergers[i](*part) if i in mergers else part[0])
+            leaves.append(self.mergers[i](*part) if i in self.mergers else part[0])
             k += n
-        return tree_unflatten(leaves, spec)
+        return tree_unflatten(leaves, self.spec)
 
-    return merge_outputs
+
+def _make_merger(flat_out: list, replaced: dict[int, tuple[list[list[int]], int]], spec) -> Callable:
+    return OutputMerge(len(flat_out), replaced, spec)
 
 
 def _float_error(old: fx.GraphModule, new: fx.GraphModule, merger: Callable | None, calib_data: Any) -> float:
