@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=32, help="calibration images of the 64 (the rest select)")
     ap.add_argument("--max-trials", type=int, default=12)
     ap.add_argument("--remedies", nargs="*", help="remedy names (default: every one the target allows)")
+    ap.add_argument("--out", type=Path, default=Path("out/repair_detect"),
+                    help="folder for each run's repair report (every trial, decided on the selection images)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -64,6 +66,8 @@ def main() -> None:
                                     remedies=args.remedies, max_trials=args.max_trials, batch_size=8,
                                     progress=False)
                 secs = time.perf_counter() - t
+                args.out.mkdir(parents=True, exist_ok=True)
+                (args.out / f"{name}_fold{fold}_{target}.md").write_text(r.to_markdown())
                 sim0, _ = qsurgery.quantize(graph, calib, qsurgery.get_target(target).config(), progress=False)
                 f50, b50, r50 = (_map50(metric, m, x[rep], pos[rep]) for m in (graph, sim0, r.model))
                 rr = r.report

@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=200, help="images of the rest kept out of the report")
     ap.add_argument("--iters", type=int, default=300, help="learned rounding steps per layer")
     ap.add_argument("--distill-steps", type=int, default=200, help="distillation steps")
-    ap.add_argument("--distill-lr", type=float, default=1e-5, help="distillation learning rate")
+    ap.add_argument("--distill-lr", type=float, default=3e-5, help="distillation learning rate")
     ap.add_argument("--mix", type=float, default=0.0, help="distillation: blend share (0: none)")
     ap.add_argument("--regimes", nargs="*", type=int, help="indices of the regimes to run (default all)")
     ap.add_argument("--rows", nargs="*", help="rows to run (default all)")

@@ -50,6 +50,9 @@ def _prepare(args: argparse.Namespace):
     transform = model_transform(model, input_size=args.input_size)
     if args.data:
         dataset = ImageFolder(args.data, transform)
+        if args.calib >= len(dataset):
+            raise QSurgeryError(f"--calib {args.calib}: {args.data} holds {len(dataset)} images, and some must be "
+                                f"left for evaluation (try --calib {max(1, min(64, len(dataset) // 4))})")
         n_eval = args.eval if args.eval > 0 else None
         calib_set, eval_set = split(dataset, min(args.calib, len(dataset) - 1), n_eval)
         source = f"{args.data} ({len(calib_set)} calibration / {len(eval_set)} evaluation images, disjoint)"
@@ -441,9 +444,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Every cheap check, before any model is loaded: counts, paths, the output folder."""
+    for name in ("calib", "batch_size"):
+        if getattr(args, name, 1) < 1:
+            raise QSurgeryError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if getattr(args, "eval", 0) < 0:
+        raise QSurgeryError(f"--eval must be >= 0, got {args.eval}")
+    if getattr(args, "sens_images", 2) < 2:
+        raise QSurgeryError(f"--sens-images must be >= 2, got {args.sens_images}")
+    if getattr(args, "data", None) is not None and not args.data.exists():
+        raise QSurgeryError(f"--data {args.data} does not exist")
+    if getattr(args, "checkpoint", None) is not None and not args.checkpoint.is_file():
+        raise QSurgeryError(f"--checkpoint {args.checkpoint} is not a file")
+    out = getattr(args, "out", None)
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise QSurgeryError(f"--out {out} exists and is not a folder")
+        parent = out
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise QSurgeryError(f"--out {out}: {parent} is a file, so the folder cannot be made")
+        import os
+
+        if not os.access(parent, os.W_OK):
+            raise QSurgeryError(f"--out {out}: {parent} is not writable")
+    if getattr(args, "metric", None) == "top1" and getattr(args, "sens_images", 0) and args.sens_images < 50:
+        print(f"warning: --metric top1 on {args.sens_images} images moves in steps of {100 / args.sens_images:.1f} "
+              "points; layers whose effect is smaller rank at 0 (--metric kl ranks them on any count)",
+              file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_arguments(args)
         return args.func(args)
     except QSurgeryError as exc:
         print(f"qsurgery: error: {exc}", file=sys.stderr)

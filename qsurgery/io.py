@@ -22,15 +22,31 @@ from .errors import QSurgeryError
 __all__ = ["save", "load", "SavedRepair"]
 
 _FORMAT = "qsurgery-graph-1"
+_SIM_FORMAT = "qsurgery-simulated-1"
 
 
-def save(graph: fx.GraphModule, path: str | Path) -> Path:
-    """Write ``graph`` (from ``capture`` or a pass) to ``path`` with everything qsurgery keeps beside it."""
+def save(obj: Any, path: str | Path) -> Path:
+    """Write what qsurgery made to ``path``: a graph (from ``capture`` or a pass, with everything qsurgery keeps
+    beside it), a simulated model (``quantize``'s first result) or a ``QuantPlan`` (JSON). ``RepairResult``
+    has its own ``save(folder)``; :func:`load` reads all of them back."""
+    from .quant.plan import QuantPlan
+    from .quant.simulate import SimulatedModel
+
+    path = Path(path)
+    if isinstance(obj, QuantPlan):
+        obj.to_json(path)
+        return path
+    if isinstance(obj, SimulatedModel):
+        torch.save({"format": _SIM_FORMAT, "simulated": obj}, path)
+        return path
+    if hasattr(obj, "save") and hasattr(obj, "trials"):
+        raise QSurgeryError("a RepairResult is saved to a folder: result.save(folder), read by qsurgery.load(folder)")
+    graph = obj
     if not isinstance(graph, fx.GraphModule):
-        raise QSurgeryError(f"qsurgery.save takes a captured graph (GraphModule), got {type(graph).__name__}")
+        raise QSurgeryError(f"qsurgery.save takes a captured graph, a simulated model or a QuantPlan, got "
+                            f"{type(graph).__name__}")
     nodes = [(n.op, str(n.target), {k: v for k, v in n.meta.items() if k == "nn_module_stack"})
              for n in graph.graph.nodes]
-    path = Path(path)
     torch.save({"format": _FORMAT, "graph": graph, "meta": dict(graph.meta), "nodes": nodes}, path)
     return path
 
@@ -85,17 +101,27 @@ def _load_repair(directory: Path) -> SavedRepair:
     return SavedRepair(graph, config, plan, sim, merge, names, record)
 
 
-def load(path: str | Path) -> fx.GraphModule | SavedRepair:
-    """A graph written by :func:`save`, with its metadata and shapes restored (in eval mode); or, for a folder
-    written by ``RepairResult.save``, the repaired model (:class:`SavedRepair`)."""
+def load(path: str | Path) -> Any:
+    """What :func:`save` wrote: a graph (metadata and shapes restored, in eval mode), a simulated model or a
+    ``QuantPlan`` (a ``.json`` file); for a folder written by ``RepairResult.save``, the repaired model
+    (:class:`SavedRepair`). Each gives the same outputs as before saving."""
     from .passes.common import refresh_shapes
 
     path = Path(path)
     if path.is_dir():
         return _load_repair(path)
     if not path.is_file():
-        raise QSurgeryError(f"no saved graph at {path}")
-    data = torch.load(path, map_location="cpu", weights_only=False)
+        raise QSurgeryError(f"nothing saved at {path}")
+    if path.suffix == ".json":
+        from .quant.plan import QuantPlan
+
+        return QuantPlan.from_json(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file
+        raise QSurgeryError(f"{path} cannot be read as a qsurgery file: {exc}") from exc
+    if isinstance(data, dict) and data.get("format") == _SIM_FORMAT:
+        return data["simulated"].eval()
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         raise QSurgeryError(f"{path} was not written by qsurgery.save")
     gm = data["graph"]

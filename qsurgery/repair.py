@@ -64,7 +64,8 @@ class Budget:
     ``confidence``: the budget holds on the selection images when the drop is below ``max_drop`` with this
     one-sided confidence (paired, per image: the measured drop, never below 0, plus z standard errors). On a
     few hundred images top-1 moves in coarse steps and can show no loss, or a gain, where there is a loss;
-    0.5 takes the measured drop as it is. Callable metrics have no per-image figure: their measured drop is used."""
+    0.5 takes the measured drop as it is. A callable metric that is not a mean over images (mAP) gets its
+    standard error from random halves of the selection images."""
 
     max_drop: float = 1.0
     metric: str | Callable = "top1"
@@ -193,6 +194,7 @@ class _Context:
     ranking: dict[str, float] | None = None
     ranking_for: str | None = None
     proposals: dict[str, list] = field(default_factory=dict)  # priced precision proposals per state
+    halves: list | None = None  # (indices, float metric) of the selection halves (callable metrics)
 
 
 # ---------------------------------------------------------------------- measuring
@@ -257,7 +259,40 @@ def _per_image(metric: Any, out: torch.Tensor, labels: torch.Tensor | None, ref:
     return None
 
 
+_HALVES = 12  # random halves of the selection images that estimate a callable metric's standard error
+
+
+def _take(outputs: Any, idx: torch.Tensor) -> Any:
+    """Rows ``idx`` of a model's outputs (a tensor, or a tuple/list of them)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[idx]
+    return type(outputs)(_take(o, idx) for o in outputs)
+
+
+def _halves(ref: Any, labels: torch.Tensor, metric: Callable, seed: int) -> list[tuple[torch.Tensor, float]]:
+    """Random halves of a part's images, with the float model's metric on each."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    n = len(labels)
+    halves = [torch.randperm(n, generator=gen)[:n // 2].sort().values for _ in range(_HALVES)]
+    return [(h, score(_take(ref, h), labels[h], metric, _take(ref, h))) for h in halves]
+
+
+def _half_sample_se(halves: list[tuple[torch.Tensor, float]], ref: Any, out: Any, labels: torch.Tensor,
+                    metric: Callable) -> float:
+    """Standard error of the drop of a metric that is not a mean over images (mAP), from random halves of
+    the images (delete-half jackknife: the spread of the halves' paired drops estimates the full set's)."""
+    drops = torch.tensor([f - score(_take(out, h), labels[h], metric, _take(ref, h)) for h, f in halves],
+                         dtype=torch.float64)
+    return float(drops.std())
+
+
 def _drop_se(ctx: _Context, out: torch.Tensor) -> float:
+    if callable(ctx.budget.metric):
+        if ctx.sel_y is None or len(ctx.sel_y) < 8:
+            return 0.0
+        if ctx.halves is None:
+            ctx.halves = _halves(ctx.sel_ref, ctx.sel_y, ctx.budget.metric, ctx.seed)
+        return _half_sample_se(ctx.halves, ctx.sel_ref, out, ctx.sel_y, ctx.budget.metric)
     q = _per_image(ctx.budget.metric, out, ctx.sel_y, ctx.sel_ref)
     f = _per_image(ctx.budget.metric, ctx.sel_ref, ctx.sel_y, ctx.sel_ref)
     if q is None or len(q) < 2:
@@ -422,7 +457,7 @@ def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
         ranking, baseline = {r.layer: float(r.delta) for r in report.rows}, report.baseline
     else:  # several outputs (detectors): the one distance from float, each layer run float in turn
         x = x[:16]
-        ref = _outputs(state.graph, x, ctx.batch_size)
+        ref = _take(ctx.sel_ref, torch.arange(len(x)))  # the float model's outputs, in the original structure
         baseline = _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge))
         ranking = {}
         for layer in tqdm(sim.quantized_names(), desc="ranking layers", unit="layer", disable=not ctx.progress,
@@ -883,6 +918,10 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     fixed_each = _per_image(budget.metric, fixed_rep, rep_y, rep_ref)
     float_each = _per_image(budget.metric, rep_ref, rep_y, rep_ref)
     interval = _paired_interval(float_each, fixed_each) if fixed_each is not None else None
+    if callable(budget.metric) and rep_y is not None and len(rep_y) >= 8:
+        se = _half_sample_se(_halves(rep_ref, rep_y, budget.metric, seed), rep_ref, fixed_rep, rep_y, budget.metric)
+        drop = score(rep_ref, rep_y, budget.metric, rep_ref) - score(fixed_rep, rep_y, budget.metric, rep_ref)
+        interval = (drop - 1.96 * se, drop + 1.96 * se)
 
     report = PartFigures(len(rep_x), f_rep, score(base_rep, rep_y, budget.metric, rep_ref),
                          score(fixed_rep, rep_y, budget.metric, rep_ref), _agreement(rep_ref, base_rep),

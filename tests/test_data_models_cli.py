@@ -156,3 +156,23 @@ def test_cli_help_and_import_need_no_torch():
             "assert qsurgery.QuantConfig.int8().weight.bits == 8; from qsurgery.repair import REMEDIES; "
             "import qsurgery.capture; assert callable(qsurgery.repair) and callable(qsurgery.capture)")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["quantize", "--calib", "0"], "--calib must be >= 1"),
+    (["quantize", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["analyze", "--out", "{file}/sub", "--quiet"], "is a file"),
+    (["export", "--out", "{file}"], "not a folder"),
+    (["quantize", "--data", "{tmp}/missing"], "does not exist"),
+    (["quantize", "--data", "{folder}", "--calib", "600"], "holds 3 images"),
+])
+def test_cli_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+    file = tmp_path / "a_file"
+    file.write_text("x")
+    folder = tmp_path / "imgs"
+    for c in ("a", "b", "c"):
+        (folder / c).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(folder / c / "0.png")
+    argv = [a.format(file=file, tmp=tmp_path, folder=folder) for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

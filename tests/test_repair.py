@@ -229,6 +229,9 @@ def test_repairs_a_detector_head_to_a_callable_metric_and_keeps_its_outputs(tmp_
     assert all(t.metric_after > t.metric_before for t in r.trials if t.accepted)
     assert r.report.repaired_metric > r.report.baseline_metric
     assert r.merge_outputs is not None and len(r.output_names) > 2
+    # mAP-like metrics are no mean over images: their uncertainty comes from halves of the images
+    assert r.report.drop_interval is not None and r.report.drop_interval[0] < r.report.drop_interval[1]
+    assert r.selection["drop_bound"] > r.selection["float"] - r.selection["repaired"]
     with torch.no_grad():
         merged = r.merge_outputs(r.sim(x[:4]))
     assert isinstance(merged, list) and [t.shape for t in merged] == [t[:4].shape for t in ref]
@@ -237,6 +240,10 @@ def test_repairs_a_detector_head_to_a_callable_metric_and_keeps_its_outputs(tmp_
     loaded = qsurgery.load(r.save(tmp_path / "saved"))
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(loaded(x[:4]), merged))
+    # where 16-bit layers are allowed, the precision ranking runs on the split model's merged outputs
+    r16 = repair(model, calib, (x, torch.arange(len(x))), budget=Budget(0.0, box_fidelity), target="int8-int16",
+                 remedies=["split_head", "precision"], progress=False, max_trials=3)
+    assert r16.steps[0]["remedy"] == "split_head" and any(t.proposal["remedy"] == "precision" for t in r16.trials)
 
 
 def test_distillation_is_tried_only_when_named(net):

@@ -233,3 +233,18 @@ def test_distillation_bad_input():
     # a learning rate that cannot help leaves the weights as they were, and says so
     r = distill_quantized(graph, calib, _w4(), steps=2, lr=1e3, progress=False)
     assert r.float_error == 1.0 and any("did not lower" in n for n in r.notes)
+
+
+def test_simulated_models_and_plans_save_and_load(tmp_path):
+    _, graph, calib, test = _setup()
+    sim, plan = qsurgery.quantize(graph, calib, QuantConfig.int8(per_channel=False), progress=False)
+    again = qsurgery.load(qsurgery.save(sim, tmp_path / "sim.pt"))
+    with torch.no_grad():
+        assert torch.equal(again(test), sim(test))
+    assert again.plan.names() == plan.names()
+    assert qsurgery.load(qsurgery.save(plan, tmp_path / "plan.json")).to_dict() == plan.to_dict()
+    report = qsurgery.export_onnx(again, tmp_path / "q.onnx", test[:1], verify_inputs=[test[:8]])
+    assert report.qdq_pairs == len(plan) and report.max_error_steps <= 1.0
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(qsurgery.QSurgeryError, match="cannot be read"):
+        qsurgery.load(tmp_path / "junk.pt")

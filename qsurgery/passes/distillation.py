@@ -33,7 +33,7 @@ __all__ = ["distill_quantized"]
 
 
 def distill_quantized(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None = None, *,
-                      steps: int = 200, lr: float = 1e-5, batch_size: int = 8, flips: bool = True, mix: float = 0.0,
+                      steps: int = 200, lr: float = 3e-5, batch_size: int = 8, flips: bool = True, mix: float = 0.0,
                       reference: fx.GraphModule | None = None, seed: int = 0, progress: bool = True) -> PassResult:
     """A BN-folded copy of ``graph`` whose weights were trained so that its quantization under ``config``
     matches the float model's outputs on ``calib_data`` (KL for class scores, mean squared error otherwise).
