@@ -486,20 +486,26 @@ register_remedy(Remedy("precision", ("int8 error",), False, "selection images (r
 
 
 def _split_head_propose(ctx: _Context, state: _State) -> list[Proposal]:
-    from .passes.split_head import find_heads
+    from .passes.split_head import find_heads, output_concats
 
     if state.merge is not None or state.reference is not None:  # split once, before approximate steps
         return []
     if "heads" not in ctx.proposals:
         ctx.proposals["heads"] = find_heads(state.graph, ctx.calib)
-    heads = ctx.proposals["heads"]
+        ctx.proposals["concats"] = output_concats(state.graph)
+    heads, concats = ctx.proposals["heads"], ctx.proposals["concats"]
+    out = []
+    if concats:  # decoupled heads: box and class branches joined (and requantized with one scale) in the graph
+        out.append(Proposal("split_head", {"outputs": "uncat"}, f"{len(concats)} model output(s) concatenate "
+                            f"branches {[c['channels'] for c in concats]} under one int8 scale: move the concat to "
+                            "the host", 0.6))
     worthy = [h for h in heads if h.get("split_worthy", True)]
     if not worthy:
-        return []
+        return out
     lost = max(h["bits_lost"] for h in worthy)
     why = (f"{len(worthy)} head conv(s) share one int8 scale across channels of different ranges (up to "
            f"{lost:.1f} bits lost)")
-    out = [Proposal("split_head", {"groups": "auto"}, why, 0.5)]
+    out.append(Proposal("split_head", {"groups": "auto"}, why, 0.5))
     if all((h["channels"] % 3 == 0 and h["channels"] // 3 > 5) for h in worthy):  # anchors x (box, obj, classes)
         out += [Proposal("split_head", {"groups": "yolo"}, why + "; YOLO layout: box | objectness | classes", 0.6),
                 Proposal("split_head", {"groups": "yolo", "score_floor": -8.0}, why + "; YOLO layout, score "
@@ -508,10 +514,13 @@ def _split_head_propose(ctx: _Context, state: _State) -> list[Proposal]:
 
 
 def _split_head_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
-    from .passes.split_head import split_head
+    from .passes.split_head import split_head, split_output_concats
 
-    result = split_head(state.graph, groups=p.params["groups"], calib_data=ctx.calib,
-                        score_floor=p.params.get("score_floor"))
+    if p.params.get("outputs") == "uncat":
+        result = split_output_concats(state.graph)
+    else:
+        result = split_head(state.graph, groups=p.params["groups"], calib_data=ctx.calib,
+                            score_floor=p.params.get("score_floor"))
     return replace(state, graph=result.graph, steps=state.steps + [{"remedy": "split_head", "params": p.params}],
                    merge=result.merge_outputs, output_names=result.output_names)
 

@@ -396,22 +396,6 @@ def test_yolov5n_definition_matches_its_state_dict_layout():
     assert [tuple(h.shape) for h in heads] == [(1, 255, 8, 8), (1, 255, 4, 4), (1, 255, 2, 2)]
 
 
-class Decoupled(nn.Module):
-    """A YOLOX-style decoupled head: one conv per task, outputs concatenated (box | obj | classes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU())
-        self.box, self.obj, self.cls = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 1, 1), nn.Conv2d(8, NC, 1)
-        with torch.no_grad():
-            self.obj.weight *= 60
-            self.cls.weight *= 30
-
-    def forward(self, x):
-        f = self.stem(x)
-        return torch.cat([self.box(f), self.obj(f), self.cls(f)], 1)
-
-
 def _recipe():
     import importlib.util
 
@@ -420,38 +404,6 @@ def _recipe():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def test_recipe_splits_fused_heads_and_keeps_decoupled_concats_float(tiny, tmp_path):
-    recipe = _recipe()
-    model, _, calib = tiny
-    x = torch.rand(8, 3, 32, 32)
-
-    def evaluate(model_fn, ref_model):
-        with torch.no_grad():
-            ref, out = ref_model(x), model_fn(x)
-            ref, out = (ref, out) if isinstance(ref, list) else ([ref], [out])
-            return -sum(float((r - o).pow(2).mean() / r.pow(2).mean()) for r, o in zip(ref, out))
-
-    res = recipe.yolo_head_split(model, x[:1], calib, lambda fn: evaluate(fn, model), out=tmp_path / "fused",
-                                 verify_inputs=calib[:1], log=lambda _s: None)
-    f = res["figures"]
-    assert f["split_kept"] and f["int8_split"] > f["int8"]
-    assert (tmp_path / "fused" / "model_int8_split.onnx").is_file()
-    assert f["onnx_int8_split"] == pytest.approx(f["int8_split"], rel=0.05)
-    contrary = recipe.yolo_head_split(model, x[:1], calib, lambda fn: evaluate(fn, model), log=lambda _s: None,
-                                      select=lambda fn: -evaluate(fn, model))  # selection data that disagrees
-    assert not contrary["figures"]["split_kept"] and contrary["split"] is None
-    assert contrary["figures"]["int8_split"] > contrary["figures"]["int8"]  # reported, not used to decide
-
-    dec = Decoupled().eval()
-    res = recipe.yolo_head_split(dec, x[:1], calib, lambda fn: evaluate(fn, dec), log=lambda _s: None)
-    assert res["split"] is None  # nothing to split: the concat is kept float instead
-    assert layer_is_float(res["sim_split"].plan["cat"]) and res["figures"]["int8_split"] > res["figures"]["int8"]
-
-
-def layer_is_float(layer) -> bool:
-    return layer.activation is not None and layer.activation.dtype == "float"
 
 
 def test_detection_metric_scores_any_part_by_its_own_images(tmp_path):
@@ -527,3 +479,77 @@ def test_cli_repairs_a_detector_on_a_coco_folder(tmp_path, capsys):
     assert main(["repair", "--task", "detect", "--model", "test_detection:nope", "--data",
                  str(tmp_path / "coco"), "--calib", "4", "--out", str(tmp_path / "o2")]) == 2
     assert "cannot load --model" in capsys.readouterr().err
+
+
+class DecoupledHead(nn.Module):
+    """YOLOX/YOLOv8-style head: separate box (4 channels, small range) and class (2 channels, ~40x wider)
+    branches, concatenated into one output per level."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.box = nn.Conv2d(8, 4, 1)
+        self.cls = nn.Conv2d(8, 2, 1)
+        with torch.no_grad():
+            self.cls.weight *= 40
+
+    def forward(self, x):
+        f = self.stem(x)
+        return [torch.cat([self.box(f), self.cls(f)], 1)]
+
+
+def test_decoupled_head_concat_moves_to_the_host_exactly_and_repairs():
+    from qsurgery.passes import output_concats, split_output_concats
+
+    torch.manual_seed(0)
+    model = DecoupledHead().eval()
+    x = torch.rand(32, 3, 16, 16)
+    graph = qsurgery.capture(model, x[:1])
+    assert [c["channels"] for c in output_concats(graph)] == [[4, 2]]
+    result = split_output_concats(graph)
+    assert result.exact and result.float_error < 1e-6 and len(result.output_names) == 2
+    with torch.no_grad():
+        assert torch.equal(result.merge_outputs(result.graph(x))[0], model(x)[0])
+
+    def box_error(outputs, _positions=None):
+        return float((outputs[0][:, :4] - ref[0][:, :4]).pow(2).mean() / ref[0][:, :4].pow(2).mean())
+
+    calib = [x[:16]]
+    with torch.no_grad():
+        ref = model(x)
+        plain, _ = qsurgery.quantize(graph, calib, progress=False)
+        split, _ = qsurgery.quantize(result.graph, calib, progress=False)
+        assert box_error(result.merge_outputs(split(x))) < 0.25 * box_error(plain(x))
+    with pytest.raises(ConfigError, match="no model output is a channel concat"):
+        split_output_concats(qsurgery.capture(TinyYolo().eval(), torch.rand(1, 3, 32, 32)))
+    # the engine offers it as the split_head remedy and keeps it on a full-int8 target
+    r = qsurgery.repair(model, calib, (x, torch.arange(len(x))), target="full-int8", remedies=["split_head"],
+                        budget=qsurgery.Budget(0.0, lambda out, pos: 100 * (1 - float(
+                            (out[0][:, :4] - ref[0][pos][:, :4]).pow(2).mean() / ref[0][pos][:, :4].pow(2).mean()))),
+                        progress=False, max_trials=2)
+    assert r.steps == [{"remedy": "split_head", "params": {"outputs": "uncat"}}]
+
+
+def test_recipe_repairs_a_decoupled_head_detector_on_a_coco_folder(tmp_path):
+    repair_detector = _recipe().repair_detector
+    data_dir = tmp_path / "coco"
+    data_dir.mkdir()
+    _synthetic_coco(data_dir, n=24)
+    (data_dir / "annotations").mkdir()
+    (data_dir / "ann.json").rename(data_dir / "annotations" / "ann.json")
+    torch.manual_seed(0)
+    model = DecoupledHead().eval()
+
+    def decode(outputs):  # one level, stride 2: (cx, cy, w, h) from the box channels, scores from the classes
+        p = outputs[0]
+        n, _c, h, w = p.shape
+        rows = p.permute(0, 2, 3, 1).reshape(n, h * w, 6)
+        return list(torch.cat([rows[..., :4].abs() * 8, rows[..., 4:].sigmoid()], -1))
+
+    result = repair_detector(model, decode, data_dir / "img", size=16, stretch=True, n_calib=8, n_select=8,
+                             out=tmp_path / "out")
+    # calibration, selection and report images are disjoint; every layer stays int8; the files a user needs
+    assert result.selection["images"] == 8 and result.report.images == 8
+    assert all(layer.weight is None or layer.weight.is_int for layer in result.plan)
+    assert (tmp_path / "out" / "model_qdq.onnx").is_file() and (tmp_path / "out" / "report.md").is_file()
+    assert qsurgery.load(tmp_path / "out" / "result").plan.names() == result.plan.names()

@@ -29,7 +29,8 @@ from ..graph import device_of, is_activation, is_passthrough, set_module
 from ..quant.simulate import RANGE_LIMITS, graph_inputs, run_hooked
 from .common import PassResult, graph_cost, refresh_shapes
 
-__all__ = ["split_head", "find_heads", "channel_ranges", "ChannelMerge", "HeadGroups"]
+__all__ = ["split_head", "find_heads", "channel_ranges", "ChannelMerge", "HeadGroups", "output_concats",
+           "split_output_concats", "OutputMerge"]
 
 GroupSpec = Literal["auto", "yolo", "yolo-xywh"] | Sequence[Sequence[int]]
 
@@ -387,6 +388,74 @@ def split_head(graph: fx.GraphModule, convs: Sequence[str] | None = None, *, gro
     if merge == "outputs" and replaced:
         result.merge_outputs = _make_merger(flat_out, replaced, out_spec)
     result.float_error = _float_error(graph, new, result.merge_outputs, calib_data)
+    return result
+
+
+def output_concats(graph: fx.GraphModule) -> list[dict[str, Any]]:
+    """Model outputs that are a channel concat (dim 1) of several tensors: a decoupled head (YOLOX, YOLOv8:
+    separate box and class branches) joined inside the graph, where int8 requantizes all of them with one
+    scale. Each entry: the concat node's name, its output position and the channels of its inputs."""
+    out_node = next(n for n in graph.graph.nodes if n.op == "output")
+    flat, _spec = tree_flatten(out_node.args[0])
+    found = []
+    for i, leaf in enumerate(flat):
+        if not (isinstance(leaf, fx.Node) and leaf.op == "call_function" and leaf.target is torch.cat):
+            continue
+        parts = leaf.args[0] if leaf.args else leaf.kwargs.get("tensors")
+        dim = leaf.args[1] if len(leaf.args) > 1 else leaf.kwargs.get("dim", 0)
+        if not isinstance(parts, (list, tuple)) or len(parts) < 2 or dim not in (1, -3) \
+                or not all(isinstance(p, fx.Node) and "tensor_meta" in p.meta for p in parts) \
+                or any(len(p.meta["tensor_meta"].shape) != 4 for p in parts):
+            continue
+        found.append({"concat": leaf.name, "output": i, "channels": [int(p.meta["tensor_meta"].shape[1])
+                                                                      for p in parts]})
+    return found
+
+
+def split_output_concats(graph: fx.GraphModule) -> PassResult:
+    """A copy of ``graph`` whose output channel concats (:func:`output_concats`) are moved to the host: each
+    joined tensor becomes a model output of its own, with its own int8 scale, and ``merge_outputs`` concatenates
+    them back. Exact in float. For decoupled heads, what ``split_head`` is for fused ones."""
+    found = output_concats(graph)
+    if not found:
+        raise ConfigError("no model output is a channel concat (torch.cat on dim 1) of several tensors: nothing to "
+                          "move out of the graph (fused heads are split with split_head)")
+    before = graph_cost(graph)
+    new = copy.deepcopy(graph)
+    new.meta.update(copy.deepcopy(dict(graph.meta)))
+    out_node = next(n for n in new.graph.nodes if n.op == "output")
+    flat_out, out_spec = tree_flatten(out_node.args[0])
+    nodes = {n.name: n for n in new.graph.nodes}
+    replaced: dict[int, tuple[list[list[int]], int]] = {}
+    leaves: list[Any] = []
+    names: list[str] = []
+    by_output = {f["output"]: f for f in found}
+    for i, leaf in enumerate(flat_out):
+        if i not in by_output:
+            leaves.append(leaf)
+            names.append(leaf.name if isinstance(leaf, fx.Node) else f"output{i}")
+            continue
+        cat = nodes[by_output[i]["concat"]]
+        parts = list(cat.args[0] if cat.args else cat.kwargs["tensors"])
+        sizes = by_output[i]["channels"]
+        starts = [sum(sizes[:k]) for k in range(len(sizes))]
+        replaced[i] = ([list(range(a, a + n)) for a, n in zip(starts, sizes)], len(parts))
+        leaves.extend(parts)
+        names.extend(f"{cat.name}.{k}" for k in range(len(parts)))
+    out_node.args = (tuple(leaves),)
+    for f in found:
+        cat = nodes[f["concat"]]
+        if not cat.users:
+            new.graph.erase_node(cat)
+    new.graph.lint()
+    new.recompile()
+    refresh_shapes(new)
+    changes = [{"concat": f["concat"], "parts": f["channels"]} for f in found]
+    result = PassResult(new, changes, True, before, graph_cost(new),
+                        notes=[f"{len(found)} output concat(s) moved to the host: each part keeps its own scale"])
+    result.output_names = names
+    result.merge_outputs = OutputMerge(len(flat_out), replaced, out_spec)
+    result.float_error = _float_error(graph, new, result.merge_outputs, None)
     return result
 
 
