@@ -240,7 +240,7 @@ def _measure(ctx: _Context, state: _State, sim: SimulatedModel | None = None) ->
     ctx.target.check(plan)
     out = _outputs(sim, ctx.sel_x, ctx.batch_size, state.merge)
     pc = plan_cost(state.graph, plan, ctx.target)
-    return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _kl(ctx.sel_ref, out),
+    return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _kl(ctx.sel_ref, out, ctx.budget),
                     _agreement(ctx.sel_ref, out), pc.total / ctx.base_cost, _drop_se(ctx, out), pc), sim
 
 
@@ -300,8 +300,12 @@ def _drop_se(ctx: _Context, out: torch.Tensor) -> float:
     return _paired_se(f, q)
 
 
-def _kl(ref: Any, out: Any) -> float:
-    """The one distance from float: KL of class scores, else the relative squared error summed over outputs."""
+def _kl(ref: Any, out: Any, budget: Budget | None = None) -> float:
+    """The one distance from float: the budget metric's own ``distance(ref, out)`` where it has one (detectors:
+    decoded boxes and scores), else KL of class scores, else the relative squared error summed over outputs."""
+    own = getattr(budget.metric, "distance", None) if budget is not None else None
+    if callable(own):
+        return float(own(ref, out))
     if isinstance(ref, torch.Tensor) and ref.dim() == 2:
         return kl_divergence(ref, out)
     refs, outs = (ref, out) if isinstance(ref, (tuple, list)) else ((ref,), (out,))
@@ -458,12 +462,12 @@ def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
     else:  # several outputs (detectors): the one distance from float, each layer run float in turn
         x = x[:16]
         ref = _take(ctx.sel_ref, torch.arange(len(x)))  # the float model's outputs, in the original structure
-        baseline = _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge))
+        baseline = _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
         ranking = {}
         for layer in tqdm(sim.quantized_names(), desc="ranking layers", unit="layer", disable=not ctx.progress,
                           leave=False):
             sim.set_quantized(layer, False)
-            ranking[layer] = baseline - _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge))
+            ranking[layer] = baseline - _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
             sim.set_quantized(layer, True)
         ranking = dict(sorted(ranking.items(), key=lambda kv: -kv[1]))
     for layer, delta in list(ranking.items())[:5]:
@@ -935,7 +939,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     report = PartFigures(len(rep_x), f_rep, score(base_rep, rep_y, budget.metric, rep_ref),
                          score(fixed_rep, rep_y, budget.metric, rep_ref), _agreement(rep_ref, base_rep),
                          _agreement(rep_ref, fixed_rep),
-                         _kl(rep_ref, base_rep), _kl(rep_ref, fixed_rep), interval, 100 / len(rep_x))
+                         _kl(rep_ref, base_rep, budget), _kl(rep_ref, fixed_rep, budget), interval, 100 / len(rep_x))
     base_measure = _Measure(trials[0].metric_before, trials[0].kl_before, 0, 1.0) if trials else current
     seconds["report"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t_start
@@ -954,16 +958,20 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
 
 def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) -> tuple[bool, str]:
     """Whether a trial is kept, and why. Class scores: the KL from float must fall by ``min_gain`` (top-1 on
-    a few hundred images moves in coarse steps). A callable metric (mAP) is its own soft signal, and the
-    distance of raw detector maps from float can rise where the metric gains (saturated low score logits):
-    the metric must rise, or stay and the distance fall by ``min_gain``; it may never fall."""
+    a few hundred images moves in coarse steps). A callable metric (mAP on a few dozen images) is noisy, and
+    the distance can rise where the metric gains (saturated low score logits): the distance must fall by
+    ``min_gain`` with the metric not below its noise (one standard error of the drop), or the metric must
+    rise beyond its noise."""
     if budget.max_cost is not None and after.cost > budget.max_cost:
         return False, f"cost x{after.cost:.3f} over the cap x{budget.max_cost}"
     fell = after.kl < current.kl * (1 - min_gain)
     if callable(budget.metric):
-        ok = after.metric > current.metric or (after.metric == current.metric and fell)
+        noise = max(after.drop_se, current.drop_se)
+        ok = (fell and after.metric >= current.metric - noise) or after.metric > current.metric + noise
+        why = (" (kept)" if ok else f" (needs the distance to fall by {100 * min_gain:.0f} % with the metric within "
+                                    f"its noise, {noise:.2f}, or the metric to rise beyond it)")
         return ok, (f"{budget.metric_name} {current.metric:.2f} -> {after.metric:.2f}, distance {current.kl:.4g} -> "
-                    f"{after.kl:.4g}" + (" (kept)" if ok else " (needs a higher metric)"))
+                    f"{after.kl:.4g}" + why)
     return fell, (f"KL {current.kl:.4g} -> {after.kl:.4g}" + (" (kept)" if fell else
                                                               f" (needs a {100 * min_gain:.0f} % fall)"))
 

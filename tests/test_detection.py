@@ -553,3 +553,22 @@ def test_recipe_repairs_a_decoupled_head_detector_on_a_coco_folder(tmp_path):
     assert all(layer.weight is None or layer.weight.is_int for layer in result.plan)
     assert (tmp_path / "out" / "model_qdq.onnx").is_file() and (tmp_path / "out" / "report.md").is_file()
     assert qsurgery.load(tmp_path / "out" / "result").plan.names() == result.plan.names()
+
+
+def test_detection_distance_weighs_boxes_by_their_float_score(tmp_path):
+    from qsurgery.detection import DetectionMetric
+
+    data = _synthetic_coco(tmp_path, n=4)
+
+    def decode(out):  # rows: (cx, cy, w, h, score)
+        return list(out)
+
+    metric = DetectionMetric(data, decode, size=32)
+    ref = torch.zeros(4, 10, 5)
+    ref[:, :, :4] = 10.0
+    ref[:, 0, 4] = 0.9  # one confident row per image, the rest background
+    assert metric.distance(ref, ref.clone()) == 0
+    moved_bg, moved_fg = ref.clone(), ref.clone()
+    moved_bg[:, 1:, :4] += 5.0  # background boxes move: they carry no score
+    moved_fg[:, 0, :4] += 5.0
+    assert metric.distance(ref, moved_bg) == 0 < metric.distance(ref, moved_fg)
