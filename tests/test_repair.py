@@ -226,7 +226,6 @@ def test_repairs_a_detector_head_to_a_callable_metric_and_keeps_its_outputs(tmp_
     r = repair(model, calib, (x, torch.arange(len(x))), budget=Budget(0.1, box_fidelity), target="full-int8",
                remedies=["split_head", "observer"], progress=False, max_trials=4)
     assert r.steps and r.steps[0]["remedy"] == "split_head"
-    assert all(t.metric_after > t.metric_before for t in r.trials if t.accepted)
     assert r.report.repaired_metric > r.report.baseline_metric
     assert r.merge_outputs is not None and len(r.output_names) > 2
     # mAP-like metrics are no mean over images: their uncertainty comes from halves of the images
