@@ -870,6 +870,10 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
         ctx.findings.append(Finding("*", symptom, f"the target {target.name} requires it for every layer"))
     float_sel = score(sel_ref, sel_y, budget.metric, sel_ref)
     current, sim = _measure(ctx, state, sim0)
+    if callable(budget.metric) and budget.z * current.drop_se > budget.max_drop:
+        warnings_.append(f"the selection part's {budget.metric_name} drop has a standard error of "
+                         f"{current.drop_se:.2f} points (random halves of its {n_sel} images): it cannot certify a "
+                         f"{budget.max_drop}-point budget; give more evaluation images")
     seconds = {"set-up and baseline": time.perf_counter() - t0}
 
     def bound(m: _Measure) -> float:

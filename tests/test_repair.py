@@ -231,6 +231,9 @@ def test_repairs_a_detector_head_to_a_callable_metric_and_keeps_its_outputs(tmp_
     # mAP-like metrics are no mean over images: their uncertainty comes from halves of the images
     assert r.report.drop_interval is not None and r.report.drop_interval[0] < r.report.drop_interval[1]
     assert r.selection["drop_bound"] > r.selection["float"] - r.selection["repaired"]
+    tight = repair(model, calib, (x, torch.arange(len(x))), budget=Budget(0.001, box_fidelity), target="full-int8",
+                   remedies=["observer"], progress=False, max_trials=0)
+    assert any("cannot certify a 0.001-point budget" in w for w in tight.warnings)
     with torch.no_grad():
         merged = r.merge_outputs(r.sim(x[:4]))
     assert isinstance(merged, list) and [t.shape for t in merged] == [t[:4].shape for t in ref]
