@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, DataError
 from .graph import device_of
 
-__all__ = ["predict", "top1", "agreement", "kl_divergence", "score"]
+__all__ = ["predict", "top1", "agreement", "kl_divergence", "distance", "score"]
 
 
 @torch.no_grad()
@@ -65,6 +65,15 @@ def kl_divergence(reference: torch.Tensor, out: torch.Tensor) -> float:
     p = torch.log_softmax(reference.float(), 1)
     q = torch.log_softmax(out.float(), 1)
     return float((p.exp() * (p - q)).sum(1).mean())
+
+
+def distance(reference: Any, out: Any) -> float:
+    """The one distance of outputs from float: KL of class scores (2-d), else the relative squared error summed
+    over the outputs (a tuple of tensors for several outputs)."""
+    if isinstance(reference, torch.Tensor) and reference.dim() == 2:
+        return kl_divergence(reference, out)
+    refs, outs = (reference, out) if isinstance(reference, (tuple, list)) else ((reference,), (out,))
+    return float(sum((r - o).pow(2).mean() / r.pow(2).mean().clamp(min=1e-12) for r, o in zip(refs, outs)))
 
 
 def score(out: torch.Tensor, labels: torch.Tensor | None, metric: str | Callable, reference: torch.Tensor | None

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .capture import capture
 from .cost import PlanCost, plan_cost
 from .errors import ConfigError, DataError, QSurgeryError
-from .evaluate import kl_divergence, predict, score
+from .evaluate import distance, predict, score
 from .quant.config import QuantConfig
 from .quant.plan import QuantPlan
 from .quant.simulate import SimulatedModel, iter_inputs, quantize
@@ -240,7 +240,7 @@ def _measure(ctx: _Context, state: _State, sim: SimulatedModel | None = None) ->
     ctx.target.check(plan)
     out = _outputs(sim, ctx.sel_x, ctx.batch_size, state.merge)
     pc = plan_cost(state.graph, plan, ctx.target)
-    return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _kl(ctx.sel_ref, out, ctx.budget),
+    return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _distance(ctx.sel_ref, out, ctx.budget),
                     _agreement(ctx.sel_ref, out), pc.total / ctx.base_cost, _drop_se(ctx, out), pc), sim
 
 
@@ -300,16 +300,11 @@ def _drop_se(ctx: _Context, out: torch.Tensor) -> float:
     return _paired_se(f, q)
 
 
-def _kl(ref: Any, out: Any, budget: Budget | None = None) -> float:
+def _distance(ref: Any, out: Any, budget: Budget | None = None) -> float:
     """The one distance from float: the budget metric's own ``distance(ref, out)`` where it has one (detectors:
     decoded boxes and scores), else KL of class scores, else the relative squared error summed over outputs."""
     own = getattr(budget.metric, "distance", None) if budget is not None else None
-    if callable(own):
-        return float(own(ref, out))
-    if isinstance(ref, torch.Tensor) and ref.dim() == 2:
-        return kl_divergence(ref, out)
-    refs, outs = (ref, out) if isinstance(ref, (tuple, list)) else ((ref,), (out,))
-    return float(sum((r - o).pow(2).mean() / r.pow(2).mean().clamp(min=1e-12) for r, o in zip(refs, outs)))
+    return float(own(ref, out)) if callable(own) else distance(ref, out)
 
 
 # ---------------------------------------------------------------------- remedies
@@ -336,8 +331,7 @@ def _graph_remedy(name: str, prior_strict: float, prior_plain: float, why: str, 
         graph = fn(ctx, state)
         exact = REMEDIES[name].exact
         reference = None if exact else (state.reference if state.reference is not None else state.graph)
-        return _State(graph, state.config, state.steps + [{"remedy": name, "params": {}}], reference, state.merge,
-                      state.output_names)
+        return replace(state, graph=graph, steps=state.steps + [{"remedy": name, "params": {}}], reference=reference)
 
     return propose, apply
 
@@ -462,12 +456,12 @@ def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
     else:  # several outputs (detectors): the one distance from float, each layer run float in turn
         x = x[:16]
         ref = _take(ctx.sel_ref, torch.arange(len(x)))  # the float model's outputs, in the original structure
-        baseline = _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
+        baseline = _distance(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
         ranking = {}
         for layer in tqdm(sim.quantized_names(), desc="ranking layers", unit="layer", disable=not ctx.progress,
                           leave=False):
             sim.set_quantized(layer, False)
-            ranking[layer] = baseline - _kl(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
+            ranking[layer] = baseline - _distance(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
             sim.set_quantized(layer, True)
         ranking = dict(sorted(ranking.items(), key=lambda kv: -kv[1]))
     for layer, delta in list(ranking.items())[:5]:
@@ -943,8 +937,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
 
     report = PartFigures(len(rep_x), f_rep, score(base_rep, rep_y, budget.metric, rep_ref),
                          score(fixed_rep, rep_y, budget.metric, rep_ref), _agreement(rep_ref, base_rep),
-                         _agreement(rep_ref, fixed_rep),
-                         _kl(rep_ref, base_rep, budget), _kl(rep_ref, fixed_rep, budget), interval, 100 / len(rep_x))
+                         _agreement(rep_ref, fixed_rep), _distance(rep_ref, base_rep, budget),
+                         _distance(rep_ref, fixed_rep, budget), interval, 100 / len(rep_x))
     base_measure = _Measure(trials[0].metric_before, trials[0].kl_before, 0, 1.0) if trials else current
     seconds["report"] = time.perf_counter() - t2
     seconds["total"] = time.perf_counter() - t_start

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..analysis.sensitivity import SensitivityReport
 from ..cost import PlanCost, plan_cost
 from ..errors import ConfigError
-from ..evaluate import kl_divergence, predict
+from ..evaluate import distance, predict
 from ..evaluate import score as _score
 from ..quant.plan import QuantPlan
 from ..quant.simulate import quantize
@@ -122,13 +122,7 @@ def measure_plan(graph: fx.GraphModule, plan: QuantPlan, data: Any, metric: str 
     mean KL divergence of the outputs from float (the soft signal that guides the search)."""
     sim, _ = quantize(graph, None, plan=plan, progress=False)
     out, labels = predict(sim, data)
-    return _score(out, labels, metric, reference), _kl(reference, out)
-
-
-def _kl(reference: torch.Tensor, out: torch.Tensor) -> float:
-    if reference.dim() != 2:
-        return float((reference - out).pow(2).mean())
-    return kl_divergence(reference, out)
+    return _score(out, labels, metric, reference), distance(reference, out)
 
 
 def assign_precision(graph: fx.GraphModule, plan: QuantPlan, sensitivity: SensitivityReport, *,
