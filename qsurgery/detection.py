@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .errors import DataError
+from .evaluate import take
 
 __all__ = ["CocoImages", "letterbox", "nms", "coco_map", "coco_eval", "DetectionReport", "DetectionMetric"]
 
@@ -225,8 +226,8 @@ class DetectionMetric:
         n = len(reference[0] if isinstance(reference, (list, tuple)) else reference)
         num_s = den_s = num_b = den_b = 0.0
         for start in range(0, n, 16):
-            ref_rows, out_rows = self.decode(_rows(reference, start, start + 16)), self.decode(_rows(outputs, start,
-                                                                                                   start + 16))
+            part = slice(start, start + 16)
+            ref_rows, out_rows = self.decode(take(reference, part)), self.decode(take(outputs, part))
             for r, o in zip(ref_rows, out_rows):
                 r, o = r.float(), o.float()
                 if r.shape != o.shape:
@@ -251,18 +252,11 @@ class DetectionMetric:
             raise DataError(f"image positions must lie in 0..{len(self.data) - 1}")
         results: list[dict] = []
         for start in range(0, len(idx), 16):
-            part = _rows(outputs, start, start + 16)
+            part = take(outputs, slice(start, start + 16))
             decoded = self.decode(part)
             for pred, i in zip(decoded, idx[start:start + 16]):
                 results += _results(pred, self._infos[i], self.data.categories, self.conf, self.iou, self.max_det)
         return coco_eval(results, self.data.subset(idx))
-
-
-def _rows(outputs: Any, a: int, b: int) -> Any:
-    """Rows ``a:b`` of a model's outputs (a tensor, or a list/tuple of them)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs[a:b]
-    return type(outputs)(_rows(o, a, b) for o in outputs) if isinstance(outputs, (list, tuple)) else outputs
 
 
 def coco_map(model: Callable, data: CocoImages, decode: Callable[[Any], torch.Tensor], *, size: int,

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, DataError
 from .graph import device_of
 
-__all__ = ["predict", "top1", "agreement", "kl_divergence", "distance", "score"]
+__all__ = ["predict", "top1", "agreement", "kl_divergence", "distance", "score", "take"]
 
 
 @torch.no_grad()
@@ -65,6 +65,13 @@ def kl_divergence(reference: torch.Tensor, out: torch.Tensor) -> float:
     p = torch.log_softmax(reference.float(), 1)
     q = torch.log_softmax(out.float(), 1)
     return float((p.exp() * (p - q)).sum(1).mean())
+
+
+def take(outputs: Any, index: Any) -> Any:
+    """Rows ``index`` (a slice or an index tensor) of a model's outputs: a tensor, or a list/tuple of them."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs[index]
+    return type(outputs)(take(o, index) for o in outputs) if isinstance(outputs, (list, tuple)) else outputs
 
 
 def distance(reference: Any, out: Any) -> float:

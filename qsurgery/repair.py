@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .capture import capture
 from .cost import PlanCost, plan_cost
 from .errors import ConfigError, DataError, QSurgeryError
-from .evaluate import distance, predict, score
+from .evaluate import distance, predict, score, take
 from .quant.config import QuantConfig
 from .quant.plan import QuantPlan
 from .quant.simulate import SimulatedModel, iter_inputs, quantize
@@ -262,26 +262,19 @@ def _per_image(metric: Any, out: torch.Tensor, labels: torch.Tensor | None, ref:
 _HALVES = 12  # random halves of the selection images that estimate a callable metric's standard error
 
 
-def _take(outputs: Any, idx: torch.Tensor) -> Any:
-    """Rows ``idx`` of a model's outputs (a tensor, or a tuple/list of them)."""
-    if isinstance(outputs, torch.Tensor):
-        return outputs[idx]
-    return type(outputs)(_take(o, idx) for o in outputs)
-
-
 def _halves(ref: Any, labels: torch.Tensor, metric: Callable, seed: int) -> list[tuple[torch.Tensor, float]]:
     """Random halves of a part's images, with the float model's metric on each."""
     gen = torch.Generator().manual_seed(seed + 1)
     n = len(labels)
     halves = [torch.randperm(n, generator=gen)[:n // 2].sort().values for _ in range(_HALVES)]
-    return [(h, score(_take(ref, h), labels[h], metric, _take(ref, h))) for h in halves]
+    return [(h, score(take(ref, h), labels[h], metric, take(ref, h))) for h in halves]
 
 
 def _half_sample_se(halves: list[tuple[torch.Tensor, float]], ref: Any, out: Any, labels: torch.Tensor,
                     metric: Callable) -> float:
     """Standard error of the drop of a metric that is not a mean over images (mAP), from random halves of
     the images (delete-half jackknife: the spread of the halves' paired drops estimates the full set's)."""
-    drops = torch.tensor([f - score(_take(out, h), labels[h], metric, _take(ref, h)) for h, f in halves],
+    drops = torch.tensor([f - score(take(out, h), labels[h], metric, take(ref, h)) for h, f in halves],
                          dtype=torch.float64)
     return float(drops.std())
 
@@ -455,7 +448,7 @@ def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
         ranking, baseline = {r.layer: float(r.delta) for r in report.rows}, report.baseline
     else:  # several outputs (detectors): the one distance from float, each layer run float in turn
         x = x[:16]
-        ref = _take(ctx.sel_ref, torch.arange(len(x)))  # the float model's outputs, in the original structure
+        ref = take(ctx.sel_ref, slice(0, len(x)))  # the float model's outputs, in the original structure
         baseline = _distance(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
         ranking = {}
         for layer in tqdm(sim.quantized_names(), desc="ranking layers", unit="layer", disable=not ctx.progress,
