@@ -55,6 +55,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="image folder with labels.csv (imagenet-sample-dev)")
     ap.add_argument("--calib", type=int, default=64)
     ap.add_argument("--dev", type=int, default=200, help="images of the rest kept out of the report")
+    ap.add_argument("--calib-dev", action="store_true",
+                    help="calibrate (and fit rounding, distil) on the dev images too; the report images stay the same")
     ap.add_argument("--iters", type=int, default=300, help="learned rounding steps per layer")
     ap.add_argument("--distill-steps", type=int, default=200, help="distillation steps")
     ap.add_argument("--distill-lr", type=float, default=3e-5, help="distillation learning rate")
@@ -69,6 +71,9 @@ def main() -> None:
     d.graph.to(args.device)
     d.calib = [b.to(args.device) for b in d.calib]
     xr, yr = d.xe[args.dev:].to(args.device), d.ye[args.dev:].to(args.device)
+    if args.calib_dev:
+        d.xc = torch.cat([d.xc, d.xe[:args.dev]])
+        d.calib = [d.xc[i:i + 32].to(args.device) for i in range(0, len(d.xc), 32)]
 
     def logits(m):
         with torch.no_grad():

@@ -176,8 +176,10 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     n_sens = min(args.sens_images, len(eval_set))
     sens_set = torch.utils.data.Subset(eval_set, list(range(n_sens)))
     sens_loader = loader(sens_set, args.batch_size)
-    q1 = sensitivity(graph, None, sens_loader, metric=metric, mode="quantize_one", simulated=sim, progress=progress)
-    f1 = sensitivity(graph, None, sens_loader, metric=metric, mode="float_one", simulated=sim, progress=progress)
+    args.out.mkdir(parents=True, exist_ok=True)
+    q1, f1 = (sensitivity(graph, None, sens_loader, metric=metric, mode=mode, simulated=sim, progress=progress,
+                          executor=args.executor, checkpoint=args.out / f"sensitivity_{mode}.ckpt")
+              for mode in ("quantize_one", "float_one"))
     first_batch = next(iter(loader(eval_set, min(args.batch_size, 16))))[0]
     layers = compare_layers(graph, sim, first_batch)
     facts = [("model", args.model), ("images", source), ("quantization", config.describe()),
@@ -202,6 +204,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     else:
         notes.append("No --data: calibrated and evaluated on crops of built-in sample photos; give your own "
                      "images for numbers that mean something for your deployment.")
+    notes.append("The fixes above are what the measurements point to, not measured fixes: `qsurgery repair` "
+                 "(same --model/--data, plus --target for your device and --budget) tries them on selection images "
+                 "and reports the result on images it never chose with.")
     path = write_report(args.out, title=f"qsurgery analysis: {args.model}", facts=facts, plan=plan, flips=flips,
                         quantize_one=q1, float_one=f1, layers=layers, depthwise=_depthwise(graph), notes=notes)
     print(f"{flips.summary()}")
@@ -268,7 +273,8 @@ def _cmd_repair(args: argparse.Namespace) -> int:
           + (f", cost at most x{budget.max_cost}" if budget.max_cost else ""), flush=True)
     result = repair(graph, loader(calib_set, args.batch_size), eval_set, budget=budget, target=target,
                     remedies=args.remedy or None, selection=args.selection, max_trials=args.max_trials,
-                    out_dir=args.out, seed=args.seed, batch_size=args.batch_size, progress=progress)
+                    out_dir=args.out, seed=args.seed, batch_size=args.batch_size, executor=args.executor,
+                    progress=progress)
     verify = [b[0] for b in loader(torch.utils.data.Subset(eval_set, list(range(min(16, len(eval_set))))),
                                    args.batch_size)]
     return _finish(args, result, calib_set[0][0].unsqueeze(0), verify, t0)
@@ -355,7 +361,7 @@ def _repair_detector(args: argparse.Namespace) -> int:
     result = repair(spec.model.eval(), calib, (x[args.calib:], positions[args.calib:]),
                     budget=Budget(args.budget, metric, args.max_cost), target=target, remedies=args.remedy or None,
                     selection=args.selection, max_trials=args.max_trials, out_dir=args.out, seed=args.seed,
-                    batch_size=args.batch_size, progress=not args.quiet)
+                    batch_size=args.batch_size, executor=args.executor, progress=not args.quiet)
     return _finish(args, result, x[:1], [x[args.calib:args.calib + 8]], t0)
 
 
@@ -411,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task", choices=("classify", "detect"), default="classify",
                    help="detect: --model module:factory returns a detector (model, decode, size, stretch) and "
                         "--data is a COCO-style folder; the budget is in mAP@0.5:0.95 points")
+    _add_ray(r)
     r.add_argument("--no-export", dest="export", action="store_false", help="skip the verified QDQ ONNX")
     r.add_argument("--uint8-weights", action="store_true", help="store int8 weights as uint8 + 128 (same values): "
                    "exact integer kernels in onnxruntime on x86 CPUs without VNNI")
@@ -425,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", type=Path, required=True, help="report folder")
     a.add_argument("--metric", choices=("kl", "agreement", "top1", "sqnr"), default="kl",
                    help="sensitivity metric (default kl: label-free and finer than top-1 on small sets)")
+    _add_ray(a)
     a.add_argument("--sens-images", type=int, default=64, help="evaluation images used for sensitivity")
     a.add_argument("--no-distill", dest="distill", action="store_false",
                    help="without --data, use crops of built-in photos instead of images distilled from the model")
@@ -444,8 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_ray(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray", nargs="?", const="ray", metavar="ADDRESS",
+                   help="run the layer runs on Ray workers: a local Ray (no ADDRESS), or the cluster at ADDRESS "
+                        "(host:port, ray://host:10001, auto); needs pip install 'qsurgery[ray]'")
+    p.add_argument("--workers", type=int, help="Ray workers (default: one per CPU of the cluster)")
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
-    """Every cheap check, before any model is loaded: counts, paths, the output folder."""
+    """Every cheap check, before any model is loaded: counts, paths, the output folder, Ray."""
+    if getattr(args, "workers", None) is not None and getattr(args, "ray", None) is None:
+        raise QSurgeryError("--workers is the number of Ray workers: give --ray too")
+    if getattr(args, "ray", None) is not None:
+        from .executor import get_executor
+
+        args.executor = get_executor(args.ray, workers=args.workers)
+    else:
+        args.executor = None
     for name in ("calib", "batch_size"):
         if getattr(args, name, 1) < 1:
             raise QSurgeryError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -45,10 +45,31 @@ def save(obj: Any, path: str | Path) -> Path:
     if not isinstance(graph, fx.GraphModule):
         raise QSurgeryError(f"qsurgery.save takes a captured graph, a simulated model or a QuantPlan, got "
                             f"{type(graph).__name__}")
+    torch.save(pack_graph(graph), path)
+    return path
+
+
+def pack_graph(graph: fx.GraphModule) -> dict:
+    """A graph with what qsurgery keeps beside its code, as one picklable dict (what ``save`` writes and what
+    is shipped to Ray workers); :func:`unpack_graph` rebuilds it."""
     nodes = [(n.op, str(n.target), {k: v for k, v in n.meta.items() if k == "nn_module_stack"})
              for n in graph.graph.nodes]
-    torch.save({"format": _FORMAT, "graph": graph, "meta": dict(graph.meta), "nodes": nodes}, path)
-    return path
+    return {"format": _FORMAT, "graph": graph, "meta": dict(graph.meta), "nodes": nodes}
+
+
+def unpack_graph(data: dict) -> fx.GraphModule:
+    """The graph ``pack_graph`` packed: metadata and shapes restored, in eval mode."""
+    from .passes.common import refresh_shapes
+
+    gm = data["graph"]
+    gm.meta.update(data["meta"])
+    new_nodes = list(gm.graph.nodes)
+    if len(new_nodes) == len(data["nodes"]) and all(
+            n.op == op for n, (op, _t, _m) in zip(new_nodes, data["nodes"])):
+        for n, (_op, _t, meta) in zip(new_nodes, data["nodes"]):
+            n.meta.update(meta)
+    refresh_shapes(gm)
+    return gm.eval()
 
 
 @dataclass
@@ -105,7 +126,6 @@ def load(path: str | Path) -> Any:
     """What :func:`save` wrote: a graph (metadata and shapes restored, in eval mode), a simulated model or a
     ``QuantPlan`` (a ``.json`` file); for a folder written by ``RepairResult.save``, the repaired model
     (:class:`SavedRepair`). Each gives the same outputs as before saving."""
-    from .passes.common import refresh_shapes
 
     path = Path(path)
     if path.is_dir():
@@ -124,12 +144,4 @@ def load(path: str | Path) -> Any:
         return data["simulated"].eval()
     if not isinstance(data, dict) or data.get("format") != _FORMAT:
         raise QSurgeryError(f"{path} was not written by qsurgery.save")
-    gm = data["graph"]
-    gm.meta.update(data["meta"])
-    new_nodes = list(gm.graph.nodes)
-    if len(new_nodes) == len(data["nodes"]) and all(
-            n.op == op for n, (op, _t, _m) in zip(new_nodes, data["nodes"])):
-        for n, (_op, _t, meta) in zip(new_nodes, data["nodes"]):
-            n.meta.update(meta)
-    refresh_shapes(gm)
-    return gm.eval()
+    return unpack_graph(data)

@@ -195,6 +195,7 @@ class _Context:
     ranking_for: str | None = None
     proposals: dict[str, list] = field(default_factory=dict)  # priced precision proposals per state
     halves: list | None = None  # (indices, float metric) of the selection halves (callable metrics)
+    executor: Any = None  # where sensitivity's layer runs go (qsurgery.executor)
 
 
 # ---------------------------------------------------------------------- measuring
@@ -436,27 +437,36 @@ def _reformat(plan: QuantPlan, layer: str, fmt: str, target: Target) -> QuantPla
     return new
 
 
+@dataclass
+class _MergedDistance:
+    """The engine's distance from float on a (possibly split) graph's raw outputs: merged back to the original
+    outputs first. A class, not a closure, so that it ships to Ray workers."""
+
+    merge: Callable | None
+    own: Callable | None
+
+    def __call__(self, ref: Any, out: Any) -> float:
+        if self.merge is not None:
+            ref, out = self.merge(ref), self.merge(out)
+        return float(self.own(ref, out)) if self.own is not None else distance(ref, out)
+
+
 def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
-    """float_one KL sensitivity on (up to) 32 selection images: what keeping each layer float buys."""
+    """float_one sensitivity on selection images (32; 16 for several outputs): what keeping each layer float
+    buys, in KL (class scores) or in the one distance from float (detectors: the metric's own)."""
     from .analysis.sensitivity import sensitivity
 
     sim, _ = _build(ctx, state)
-    x = ctx.sel_x[:32]
     if isinstance(ctx.sel_ref, torch.Tensor) and ctx.sel_ref.dim() == 2:
-        report = sensitivity(state.graph, None, _batches(x, ctx.batch_size), metric="kl", mode="float_one",
-                             simulated=sim, progress=ctx.progress)
-        ranking, baseline = {r.layer: float(r.delta) for r in report.rows}, report.baseline
-    else:  # several outputs (detectors): the one distance from float, each layer run float in turn
-        x = x[:16]
-        ref = take(ctx.sel_ref, slice(0, len(x)))  # the float model's outputs, in the original structure
-        baseline = _distance(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
-        ranking = {}
-        for layer in tqdm(sim.quantized_names(), desc="ranking layers", unit="layer", disable=not ctx.progress,
-                          leave=False):
-            sim.set_quantized(layer, False)
-            ranking[layer] = baseline - _distance(ref, _outputs(sim, x, ctx.batch_size, state.merge), ctx.budget)
-            sim.set_quantized(layer, True)
-        ranking = dict(sorted(ranking.items(), key=lambda kv: -kv[1]))
+        kwargs: dict[str, Any] = {"metric": "kl"}
+        x = ctx.sel_x[:32]
+    else:
+        kwargs = {"metric": "distance", "distance": _MergedDistance(state.merge, getattr(ctx.budget.metric,
+                                                                                          "distance", None))}
+        x = ctx.sel_x[:16]
+    report = sensitivity(state.graph, None, _batches(x, ctx.batch_size), mode="float_one", simulated=sim,
+                         executor=ctx.executor, progress=ctx.progress, **kwargs)
+    ranking, baseline = {r.layer: float(r.delta) for r in report.rows}, report.baseline
     for layer, delta in list(ranking.items())[:5]:
         if delta > 0:
             ctx.findings.append(Finding(layer, "int8 error", f"kept float, the distance from float falls by "
@@ -745,7 +755,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
            target: str | Target | dict = "generic", remedies: Sequence[str] | None = None, selection: float = 0.5,
            report_data: Any = None, max_trials: int = 24, min_gain: float = 0.02,
            out_dir: str | Path | None = None, seed: int = 0, batch_size: int = 50,
-           progress: bool = True) -> RepairResult:
+           executor: Any = None, progress: bool = True) -> RepairResult:
     """The cheapest quantized version of ``model_or_graph`` on ``target`` that keeps ``budget``.
 
     ``calib_data``: calibration batches (inputs; labels ignored). ``eval_data``: evaluation images with
@@ -755,8 +765,13 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     the target allows, except those registered ``default=False``: ``distillation``, minutes per trial). A
     trial is kept when it lowers the selection KL by at least ``min_gain`` (relative); on a callable metric
     (mAP) when the metric rises, or stays while the distance from float falls by ``min_gain``.
-    ``out_dir``: where trials are kept for resuming (and the result saved)."""
+    ``out_dir``: where trials are kept for resuming (and the result saved). ``executor``: where the layer
+    ranking's runs go (None: this process; ``"ray"``, a Ray address or a :mod:`qsurgery.executor` executor:
+    Ray workers; the same result)."""
+    from .executor import get_executor
+
     t_start = time.perf_counter()
+    executor = get_executor(executor)  # Ray missing or unreachable: said before any work
     budget = budget or Budget()
     if not isinstance(budget, Budget):
         raise RepairError(f"budget must be a qsurgery.Budget, got {type(budget).__name__}")
@@ -852,7 +867,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     state = _State(graph, config0, [])
     sim0, plan0 = quantize(graph, calib, config0, progress=False)
     base_cost = plan_cost(graph, plan0, target).total
-    ctx = _Context(target, calib, sel_x, sel_y, sel_ref, budget, base_cost, seed, progress, batch_size)
+    ctx = _Context(target, calib, sel_x, sel_y, sel_ref, budget, base_cost, seed, progress, batch_size,
+                   executor=executor)
     for symptom in _regime(target):
         ctx.findings.append(Finding("*", symptom, f"the target {target.name} requires it for every layer"))
     float_sel = score(sel_ref, sel_y, budget.metric, sel_ref)

@@ -110,8 +110,13 @@ def test_noise_floor_says_whether_differences_are_rounding_noise(simulated, tmp_
     assert "differs from itself" in report.differences[-1] and "at that level" in report.differences[-1]
     assert "noise floor" in report.summary()
     report.max_error_steps = 50.0  # a file far off the simulation: not noise
+    report.layer_differences = [("conv2", 9.0, 0.2)]
     _noise_floor(report, sim, [(b,) for b in calib])
-    assert "larger than that" in report.differences[-1]
+    assert "larger than that and start at 'conv2' with up to 9 steps" in report.differences[-1]
+    # ... unless the trace shows it starts as 1-step rounding ties that the network amplifies
+    report.layer_differences = [("conv1", 1.0, 1e-5), ("conv2", 50.0, 0.01)]
+    _noise_floor(report, sim, [(b,) for b in calib])
+    assert "start as 1-step rounding ties at 'conv1'" in report.differences[-1]
 
 
 def test_bad_export_requests(simulated, tmp_path):

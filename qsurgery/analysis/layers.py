@@ -212,13 +212,14 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
                                      "more or more representative calibration data")
             if spread is not None and spread > SPREAD_LIMIT and (rounding is None or rounding < 40):
                 row.diagnosis.append(f"channel ranges differ by {spread:.0f}x under one scale -> "
-                                     "per-channel-group split (split_head) / per-channel activations")
+                                     "cross-layer equalization evens them (remedy equalize); "
+                                     "a detection head's output: split_head")
             if rounding is not None and rounding < ROUNDING_SQNR_LIMIT:
                 row.diagnosis.append(f"rounding noise ({rounding:.1f} dB from its own int8 rounding) -> "
                                      "more bits for this layer (int16)")
             if w_sq is not None and w_sq < ROUNDING_SQNR_LIMIT:
                 row.diagnosis.append(f"weight rounding ({w_sq:.1f} dB from its int8 weights alone) -> more weight "
-                                     "bits, per-channel weights, or a dense replacement of a depthwise conv")
+                                     "bits, per-channel weights, learned rounding (remedy learned_rounding)")
             expected = _combined([previous, rounding, w_sq])
             if not row.diagnosis and math.isfinite(expected) and expected - sq > AMPLIFY_LIMIT:
                 row.diagnosis.append(f"SQNR {sq:.1f} dB is {expected - sq:.1f} dB below what its input error, "

@@ -32,8 +32,8 @@ def suspects(quantize_one: SensitivityReport, float_one: SensitivityReport | Non
     for row in quantize_one.top(k):
         fixes = list(diag.get(row.layer, []))
         if row.layer in depthwise:
-            fixes.append("depthwise conv: replace its depthwise-separable block by a dense conv (dw_to_dense), "
-                         "or give it 16 bits")
+            fixes.append("depthwise conv (few weights per output): equalization, bias correction and learned "
+                         "rounding (qsurgery repair measures them), or 16 bits where the device runs them")
         gain = gains.get(row.layer)
         if gain is not None and gain > 0:
             fixes.append(f"keeping it float recovers {gain:+.4g} {float_one.metric} (skip it, or int16 where the "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import ChainMap
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,32 +22,38 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from ..errors import ConfigError, DataError, QSurgeryError
+from ..evaluate import distance
+from ..executor import Executor, ScaleOutError, Task, get_executor
 from ..graph import device_of, input_count, module_macs
 from ..quant.config import QuantConfig
 from ..quant.simulate import SimulatedModel, quantize
 
 __all__ = ["sensitivity", "SensitivityReport", "SensitivityRow", "METRICS"]
 
-METRICS = ("top1", "agreement", "kl", "sqnr")
+METRICS = ("top1", "agreement", "kl", "sqnr", "distance")
 Mode = Literal["quantize_one", "float_one"]
 
 
 class _Accumulator:
     """Accumulates one metric over batches; ``value`` is the metric, ``badness`` how bad it is (higher worse)."""
 
-    def __init__(self, metric: str | Callable, needs_labels: bool):
+    def __init__(self, metric: str | Callable, distance: Callable[[Any, Any], float] | None = None):
         self.metric = metric
-        self.needs_labels = needs_labels
+        self.distance = distance
         self.sums: dict[str, float] = {"n": 0.0, "a": 0.0, "b": 0.0}
 
-    def add(self, out: torch.Tensor, ref: torch.Tensor, batch: Any, labels: torch.Tensor | None) -> None:
+    def add(self, out_all: Any, ref_all: Any, batch: Any, labels: torch.Tensor | None) -> None:
+        """One batch: ``out_all`` / ``ref_all`` are the whole outputs (every metric but ``distance`` reads the
+        first tensor)."""
+        out, ref = _first_output(out_all), _first_output(ref_all)
         n = out.shape[0]
         s = self.sums
         s["n"] += n
-        if callable(self.metric):
+        if self.metric == "distance":
+            s["a"] += float((self.distance or distance)(ref_all, out_all)) * n
+        elif callable(self.metric):
             v = float(self.metric(out, batch))
             if not math.isfinite(v):
                 raise QSurgeryError(f"the metric returned a non-finite value ({v})")
@@ -70,8 +77,13 @@ class _Accumulator:
         return s["a"] / max(s["n"], 1)
 
     @property
-    def badness(self) -> float:
-        return self.value if self.metric == "kl" else -self.value  # KL: lower is better; the rest: higher
+    def badness(self) -> float:  # KL and distance: lower is better; the rest: higher
+        return self.value if self.metric in ("kl", "distance") else -self.value
+
+    def merge(self, part: dict[str, float]) -> None:
+        """Add one batch's sums (from a task); merged in batch order, the totals are the in-process ones."""
+        for k, v in part.items():
+            self.sums[k] += v
 
 
 @dataclass
@@ -205,18 +217,129 @@ def _split_batch(batch: Any, n_inputs: int) -> tuple[tuple[torch.Tensor, ...], t
     raise DataError(f"cannot read an evaluation batch of type {type(batch).__name__}")
 
 
+def _batch_list(eval_data: Any, n_inputs: int, metric: Any) -> list:
+    """The evaluation batches as a list (shipped once to workers), checked before any work."""
+    batches = [eval_data] if isinstance(eval_data, torch.Tensor) else list(eval_data)
+    if not batches:
+        raise DataError("evaluation data is empty")
+    for i, batch in enumerate(batches):
+        _inputs, labels = _split_batch(batch, n_inputs)
+        if metric == "top1" and labels is None:
+            raise DataError(f"metric 'top1' needs labels: give eval batches as (inputs, labels) (batch {i} has none)")
+    return batches
+
+
+def _chunks(layers: list[str], cost: dict[str, int], n: int) -> list[list[str]]:
+    """``layers`` in ``n`` groups of about equal cost (each kept in the given order)."""
+    n = max(1, min(n, len(layers)))
+    bins: list[list[str]] = [[] for _ in range(n)]
+    load = [0] * n
+    for name in sorted(layers, key=lambda x: -cost[x]):
+        i = load.index(min(load))
+        bins[i].append(name)
+        load[i] += cost[name]
+    order = {name: i for i, name in enumerate(layers)}
+    return [sorted(b, key=order.__getitem__) for b in bins if b]
+
+
+def _setup(sim: SimulatedModel, batches: list, spec: dict) -> dict:
+    """A worker's state: the simulated model, the batches and, per layer, the nodes downstream of it."""
+    gm = sim.graph_module
+    names = [n.name for n in gm.graph.nodes]
+    if names != spec["nodes"]:
+        raise ScaleOutError("the simulated model did not arrive intact on the worker (its graph was re-traced "
+                            "with different node names); run sensitivity in-process (executor=None)")
+    if device_of(gm).type == "cuda" and not torch.cuda.is_available():
+        sim = sim.cpu()
+        gm = sim.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    starts = {name: _downstream(gm, nodes[sim.plan[name].nodes[0]]) for name in spec["layers"]}
+    return {"sim": sim, "gm": gm, "batches": batches, "spec": spec, "starts": starts, "replay": _Replay(gm),
+            "n_inputs": input_count(gm), "device": device_of(gm)}
+
+
+def _work(state: dict, payload: tuple[int, list[str]]) -> dict:
+    """One batch, some layers: the batch's metric sums for the reference, the baseline (float_one) and each
+    layer run alone (quantize_one) or alone float (float_one)."""
+    index, layers = payload
+    sim, gm, replay, spec = state["sim"], state["gm"], state["replay"], state["spec"]
+    metric, mode, dist = spec["metric"], spec["mode"], spec["distance"]
+    batch = state["batches"][index]
+    inputs, labels = _split_batch(batch, state["n_inputs"])
+    inputs = tuple(t.to(state["device"]) for t in inputs)
+    labels = labels.to(state["device"]) if labels is not None else None
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    enabled_before = sim.quantized_names()
+    result: dict[str, Any] = {"reference": None, "baseline": None, "layers": {}}
+    try:
+        with torch.no_grad():
+            sim.set_quantized(None, False)
+            float_env = replay.run_all(inputs)
+            float_out = replay.run_from(float_env, outputs)
+            if not torch.isfinite(_first_output(float_out)).all():
+                raise QSurgeryError(f"the float model's output is not finite on evaluation batch {index}")
+            acc = _Accumulator(metric, dist)
+            acc.add(float_out, float_out, batch, labels)
+            result["reference"] = acc.sums
+            base_env = float_env
+            if mode == "float_one":
+                sim.set_quantized(None, True)
+                base_env = replay.run_all(inputs)
+                acc = _Accumulator(metric, dist)
+                acc.add(replay.run_from(base_env, outputs), float_out, batch, labels)
+                result["baseline"] = acc.sums
+            for name in layers:
+                sim.set_quantized([name], mode == "quantize_one")
+                out = replay.run_from(base_env, state["starts"][name])
+                sim.set_quantized([name], mode != "quantize_one")
+                acc = _Accumulator(metric, dist)
+                acc.add(out, float_out, batch, labels)
+                result["layers"][name] = acc.sums
+    finally:
+        sim.set_quantized(None, False)
+        sim.set_quantized(enabled_before, True)
+    return result
+
+
+def _fingerprint(sim: SimulatedModel, batches: list, spec: dict) -> str:
+    """What a sensitivity result depends on: the model's weights and plan, the batches, the settings."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for t in list(sim.state_dict().values()) + [t for b in batches for t in (b if isinstance(b, (tuple, list))
+                                                                              else [b])]:
+        t = torch.as_tensor(t).detach().cpu().contiguous()
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    h.update(sim.plan.to_json().encode() if hasattr(sim.plan, "to_json") else repr(sim.plan).encode())
+    h.update(repr({k: v for k, v in spec.items() if k not in ("metric", "distance")}).encode())
+    h.update(repr(getattr(spec["metric"], "__qualname__", spec["metric"])).encode())
+    return h.hexdigest()
+
+
 def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metric: str | Callable = "kl",
                 mode: Mode = "quantize_one", config: QuantConfig | None = None, layers: Sequence[str] | None = None,
-                simulated: SimulatedModel | None = None, progress: bool = True) -> SensitivityReport:
+                simulated: SimulatedModel | None = None, distance: Callable[[Any, Any], float] | None = None,
+                executor: Executor | str | None = None, checkpoint: str | Path | None = None,
+                progress: bool = True) -> SensitivityReport:
     """Rank quantized layers by how much they hurt (``quantize_one``) or how much keeping them float helps
     (``float_one``), measured on ``eval_data`` with ``metric``: ``"top1"`` (needs labels), ``"agreement"``
-    with float, ``"kl"`` divergence from float, ``"sqnr"`` of the outputs, or ``metric(outputs, batch)``
-    (higher is better). ``simulated`` reuses an existing calibration instead of calibrating ``calib_data``.
+    with float, ``"kl"`` divergence from float, ``"sqnr"`` of the outputs, ``"distance"`` from float over
+    every output (``distance(ref, out)``, default :func:`qsurgery.evaluate.distance`), or
+    ``metric(outputs, batch)`` (higher is better). ``simulated`` reuses an existing calibration instead of
+    calibrating ``calib_data``.
+
+    ``executor``: where the layer runs go (None: this process; ``"ray"`` or a cluster address: Ray workers,
+    see :mod:`qsurgery.executor`); the report is the same bit for bit. ``checkpoint``: a file keeping finished
+    batches, so that an interrupted run resumes.
     """
     if mode not in ("quantize_one", "float_one"):
         raise ConfigError(f"mode must be 'quantize_one' or 'float_one', got {mode!r}")
     if not callable(metric) and metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; use one of {METRICS} or a callable(outputs, batch)")
+    if distance is not None and metric != "distance":
+        raise ConfigError("distance= is the function of metric='distance'; pass both or neither")
+    ex = get_executor(executor)  # Ray missing or unreachable: said now, before calibration
     sim = simulated
     if sim is None:
         sim, _ = quantize(graph, calib_data, config, progress=progress)
@@ -232,66 +355,35 @@ def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metri
 
             raise ConfigError(f"not quantized layers: {bad[:5]} (close: {get_close_matches(bad[0], quantized, n=4)})")
     gm = sim.graph_module
-    n_inputs = input_count(gm)
+    batches = _batch_list(eval_data, input_count(gm), metric)
     nodes = {n.name: n for n in gm.graph.nodes}
     macs = module_macs(gm)
-    starts = {}
-    for name in layers:
-        layer = plan[name]
-        start = nodes[layer.nodes[0]]
-        starts[name] = _downstream(gm, start)
+    starts = {name: _downstream(gm, nodes[plan[name].nodes[0]]) for name in layers}
     total_nodes = sum(1 for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
 
-    replay = _Replay(gm)
-    reference = _Accumulator(metric, metric == "top1")
-    baseline = _Accumulator(metric, metric == "top1")
-    per_layer = {name: _Accumulator(metric, metric == "top1") for name in layers}
-    batches = [eval_data] if isinstance(eval_data, torch.Tensor) else eval_data
-    try:
-        total = len(batches) * len(layers)
-    except TypeError:
-        total = None
-    bar = tqdm(total=total, desc=f"sensitivity ({mode})", unit="layer-run", disable=not progress, leave=False)
-    device = device_of(gm)
-    enabled_before = sim.quantized_names()
-    n_batches = 0
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                inputs, labels = _split_batch(batch, n_inputs)
-                inputs = tuple(t.to(device) for t in inputs)
-                if metric == "top1" and labels is None:
-                    raise DataError("metric 'top1' needs labels: give eval batches as (inputs, labels)")
-                if labels is not None:
-                    labels = labels.to(device)
-                sim.set_quantized(None, False)
-                float_env = replay.run_all(inputs)
-                float_out = _first_output(replay.run_from(float_env, [n for n in gm.graph.nodes if n.op == "output"]))
-                if not torch.isfinite(float_out).all():
-                    raise QSurgeryError("the float model's output is not finite on this evaluation batch")
-                reference.add(float_out, float_out, batch, labels)
-                if mode == "quantize_one":
-                    base_env = float_env
-                else:
-                    sim.set_quantized(None, True)
-                    base_env = replay.run_all(inputs)
-                    base_out = _first_output(
-                        replay.run_from(base_env, [n for n in gm.graph.nodes if n.op == "output"]))
-                    baseline.add(base_out, float_out, batch, labels)
-                for name in layers:
-                    sim.set_quantized([name], mode == "quantize_one")
-                    out = _first_output(replay.run_from(base_env, starts[name]))
-                    sim.set_quantized([name], mode != "quantize_one")
-                    per_layer[name].add(out, float_out, batch, labels)
-                    bar.update(1)
-                n_batches += 1
-                del float_env, base_env
-    finally:
-        bar.close()
-        sim.set_quantized(None, False)
-        sim.set_quantized(enabled_before, True)
-    if n_batches == 0:
-        raise DataError("evaluation data is empty")
+    spec = {"metric": metric, "mode": mode, "distance": distance, "layers": list(layers),
+            "nodes": [n.name for n in gm.graph.nodes]}
+    # one task per batch; more (a batch's layers in groups of equal cost) when there are more workers than
+    # batches to keep busy. A layer's figure does not depend on the grouping: the same report on any executor.
+    workers = ex.workers or os.cpu_count() or 1
+    groups = _chunks(list(layers), {n: len(starts[n]) for n in layers}, math.ceil(2 * workers / len(batches))
+                     if workers > 1 else 1)
+    tasks = [Task(f"batch{b}/group{g}", (b, group), len(group)) for b in range(len(batches))
+             for g, group in enumerate(groups)]
+    fingerprint = _fingerprint(sim, batches, spec) if checkpoint is not None else ""
+    parts = ex.map(_setup, {"sim": sim, "batches": batches, "spec": spec}, _work, tasks,
+                   desc=f"sensitivity ({mode})", unit="layer-run", progress=progress, checkpoint=checkpoint,
+                   fingerprint=fingerprint)
+
+    reference, baseline = _Accumulator(metric, distance), _Accumulator(metric, distance)
+    per_layer = {name: _Accumulator(metric, distance) for name in layers}
+    for task, part in zip(tasks, parts):  # tasks are in batch order: the sums add up as in one process
+        if task.key.endswith("/group0"):
+            reference.merge(part["reference"])
+            if mode == "float_one":
+                baseline.merge(part["baseline"])
+        for name, sums in part["layers"].items():
+            per_layer[name].merge(sums)
 
     ref_bad = reference.badness
     base_bad = baseline.badness if mode == "float_one" else None
@@ -309,6 +401,6 @@ def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metri
     downstream = sum(sum(1 for n in starts[name] if n.op != "output") for name in layers) / max(total_nodes, 1)
     cost = {"reference_forwards_per_batch": 1.0 if mode == "quantize_one" else 2.0,
             "layer_forwards_per_batch": round(downstream, 2), "naive_forwards_per_batch": float(len(layers)),
-            "batches": n_batches}
+            "batches": len(batches)}
     return SensitivityReport(mode, metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"),
                              reference.value, baseline.value if mode == "float_one" else None, rows, cost)

@@ -405,15 +405,17 @@ def _fingerprint(graph: fx.GraphModule, cg: ChannelGroups) -> tuple:
 
 def pruning_sensitivity(graph: fx.GraphModule, calib_data: Any, *, criterion: Literal["l1", "bn_gamma", "taylor"]
                         = "l1", exclude: Sequence[str] = (), compensate: bool = True, images: int = 64,
-                        progress: bool = True) -> PruningSensitivity:
+                        executor: Any = None, progress: bool = True) -> PruningSensitivity:
     """Prune each cluster of coupled channels alone (its least important groups by ``criterion``, at
-    12.5 ... 75 %) and measure the output divergence on ``images`` calibration images."""
+    12.5 ... 75 %) and measure the output divergence on ``images`` calibration images. ``executor``: where the
+    clusters are measured (None: this process; ``"ray"``, an address or a :mod:`qsurgery.executor` executor:
+    Ray workers, the same result)."""
     if calib_data is None:
         raise CalibrationError("pruning sensitivity is measured on calibration data: pass calib_data")
     cg = channel_groups(graph, exclude=exclude)
     scores = _scores(graph, cg, criterion, calib_data)
     means = _means_for(graph, cg, calib_data) if compensate else None
-    return _measure(graph, cg, scores, calib_data, means, _RATIOS, images, progress, criterion)
+    return _measure(graph, cg, scores, calib_data, means, _RATIOS, images, progress, criterion, executor)
 
 
 def _means_for(graph: fx.GraphModule, cg: ChannelGroups, calib_data: Any) -> dict[str, torch.Tensor]:
@@ -421,11 +423,43 @@ def _means_for(graph: fx.GraphModule, cg: ChannelGroups, calib_data: Any) -> dic
                                 and not isinstance(graph.get_submodule(n), BATCHNORM_MODULES)], calib_data)
 
 
+def _cluster_setup(graph: dict, cg: ChannelGroups, means: dict[str, torch.Tensor] | None, batches: list,
+                   ref: list[torch.Tensor]) -> dict:
+    from ..io import unpack_graph
+
+    return {"graph": unpack_graph(graph) if isinstance(graph, dict) else graph, "cg": cg, "means": means,
+            "batches": batches, "ref": ref}
+
+
+def _cluster_curve(state: dict, payload: tuple[list[Element], Sequence[float]]) -> list:
+    """One cluster pruned alone at each ratio (its least important groups first): divergence, MACs saved."""
+    ranked, ratios = payload
+    graph, cg = state["graph"], state["cg"]
+    base = _predict_macs(graph, cg, set())
+    curve: list[tuple[float, int, list[Element]]] = [(0.0, 0, [])]
+    last_k = 0
+    for r in ratios:
+        k = int(math.floor(r * len(ranked) + 1e-9))
+        if k == last_k or k >= len(ranked):
+            continue
+        last_k = k
+        removed = _elements(cg, set(ranked[:k]))
+        div = _divergence(state["ref"], _outputs(_apply(graph, cg, removed, state["means"], shapes=False),
+                                                 state["batches"]))
+        saved = base - _predict_macs(graph, cg, removed)
+        curve.append((max(div, curve[-1][0]), saved, ranked[:k]))
+        if div > 1.0:  # this cluster breaks the model: higher ratios only break it more
+            break
+    return curve
+
+
 def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, float], calib_data: Any,
              means: dict[str, torch.Tensor] | None, ratios: Sequence[float], images: int, progress: bool,
-             criterion: str) -> PruningSensitivity:
-    from tqdm.auto import tqdm
+             criterion: str, executor: Any = None) -> PruningSensitivity:
+    from ..executor import InProcess, Task, get_executor
+    from ..io import pack_graph
 
+    ex = get_executor(executor)
     batches, seen = [], 0
     for batch in graph_inputs(graph, calib_data):
         batches.append(batch)
@@ -433,31 +467,16 @@ def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, flo
         if seen >= images:
             break
     ref = _outputs(graph, batches)
-    base = _predict_macs(graph, cg, set())
     clusters = cg.clusters()
-    curves: list[list[tuple[float, int, list[Element]]]] = []
-    bar = tqdm(total=len(clusters) * len(ratios), desc="pruning sensitivity", unit="eval", disable=not progress,
-               leave=False)
-    for cluster in clusters:
-        ranked = _ranked(cg, cluster, scores)
-        curve: list[tuple[float, int, list[Element]]] = [(0.0, 0, [])]
-        last_k = 0
-        for r in ratios:
-            k = int(math.floor(r * len(ranked) + 1e-9))
-            bar.update(1)
-            if k == last_k or k >= len(ranked):
-                continue
-            last_k = k
-            removed = _elements(cg, set(ranked[:k]))
-            div = _divergence(ref, _outputs(_apply(graph, cg, removed, means, shapes=False), batches))
-            saved = base - _predict_macs(graph, cg, removed)
-            curve.append((max(div, curve[-1][0]), saved, ranked[:k]))
-            if div > 1.0:  # this cluster breaks the model: higher ratios only break it more
-                break
-        curves.append(curve)
-    bar.close()
+    tasks = [Task(f"cluster{i}", (_ranked(cg, cluster, scores), tuple(ratios)), len(ratios))
+             for i, cluster in enumerate(clusters)]
+    # workers get the graph packed with its metadata (a pickled GraphModule alone re-traces without it)
+    shipped = graph if isinstance(ex, InProcess) else pack_graph(graph)
+    curves = ex.map(_cluster_setup, {"graph": shipped, "cg": cg, "means": means, "batches": batches, "ref": ref},
+                    _cluster_curve, tasks, desc="pruning sensitivity", unit="eval", progress=progress)
     names = [sorted({m for g in cl for m, _ in cg.groups[g]}) for cl in clusters]
-    return PruningSensitivity(clusters, names, curves, base, criterion, _fingerprint(graph, cg))
+    return PruningSensitivity(clusters, names, curves, _predict_macs(graph, cg, set()), criterion,
+                              _fingerprint(graph, cg))
 
 
 def _allocate(graph: fx.GraphModule, cg: ChannelGroups, sens: PruningSensitivity, goal_macs: float,
@@ -626,7 +645,8 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | dict[str, float] | 
                    recover: Callable[[fx.GraphModule], fx.GraphModule] | Literal["kd"] | None = None,
                    recover_steps: int = 50, lr: float = 1e-4, compensate: bool = True,
                    allocation: Literal["auto", "uniform", "sensitivity"] = "auto", sensitivity_images: int = 64,
-                   sensitivity: PruningSensitivity | None = None, progress: bool = True) -> PassResult:
+                   sensitivity: PruningSensitivity | None = None, executor: Any = None,
+                   progress: bool = True) -> PassResult:
     """Remove the least important channel groups.
 
     ``amount``: share of each coupled cluster's channel groups to remove (in ``steps`` equal steps); or per
@@ -643,7 +663,8 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | dict[str, float] | 
     graph on ``calib_data``) or a callable graph -> graph. With ``calib_data`` and ``compensate``, the mean
     contribution of every removed channel is folded into the bias of the layers that read it (a removed channel
     is rarely zero on average: BN shifts and saturated activations make it a constant the next layer relied
-    on). Approximate: the result says so.
+    on). Approximate: the result says so. ``executor``: where the pruning sensitivity runs (see
+    :func:`pruning_sensitivity`).
     """
     modules = dict(graph.named_modules())
     missing = [x for x in exclude if x not in modules]
@@ -723,7 +744,7 @@ def prune_channels(graph: fx.GraphModule, *, amount: float | dict[str, float] | 
             sens = sensitivity
             if sens is None:
                 sens = _measure(current, cg, scores, calib_data, means, _RATIOS, sensitivity_images, progress,
-                                criterion)
+                                criterion, executor)
             elif sens.fingerprint != _fingerprint(current, cg):
                 raise ConfigError("the sensitivity was measured on another graph (or with other exclusions)")
             groups, clusters_table = _allocate(current, cg, sens, step_goal, notes)
