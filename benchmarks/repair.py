@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from _lite0 import load_lite0
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="*", type=float, default=[0.5, 1.0])
     ap.add_argument("--max-trials", type=int, default=24)
     ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument("--log-dir", default="out/repair", help="each run's trial table (markdown) goes here")
     args = ap.parse_args()
     torch.manual_seed(0)
     d = load_lite0(args.data, args.calib, 32)
@@ -52,6 +54,9 @@ def main() -> None:
         for b in args.budgets:
             r = repair(d.graph, d.calib, sel, report_data=rep, budget=Budget(b, "top1"), target=target,
                        max_trials=args.max_trials, progress=False)
+            log = Path(args.log_dir)
+            log.mkdir(parents=True, exist_ok=True)
+            (log / f"{target}-budget{b}.md").write_text(r.to_markdown())
             p = r.report
             lo, hi = p.drop_interval
             steps = "; ".join(s["remedy"] + ("" if not s["params"] else

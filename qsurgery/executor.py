@@ -104,6 +104,9 @@ class Executor:
     def map(self, setup: Callable[..., Any], shared: dict[str, Any], work: Callable[[Any, Any], Any],
             tasks: Sequence[Task], *, desc: str = "", unit: str = "task", progress: bool = True,
             checkpoint: str | Path | None = None, fingerprint: str = "") -> list[Any]:
+        """The results of ``work(setup(**shared), task.payload)`` for ``tasks``, in their order. A later call
+        with the same ``shared`` objects (the same dict values) reuses what was shipped and built. With
+        ``checkpoint``, tasks already in that file (written with the same ``fingerprint``) are not run again."""
         from tqdm.auto import tqdm
 
         keys = [t.key for t in tasks]
@@ -232,12 +235,20 @@ class RayExecutor(Executor):
             raise ScaleOutError(f"threads must be >= 1, got {threads}")
         self.address, self.threads, self.retries = address, threads, retries
         self._workers = workers
-        self.workers = workers or 0
+        self._n = 0  # workers, known once connected
         self._pool: list[Any] = []
+        self._shipped: tuple | None = None  # what the last run shipped: reused by a run with the same objects
         self.ray = _ray()  # a clear error now, before any work, when Ray is not installed
         if address is not None:  # an unreachable cluster is said now, before any work
             _check_reachable(address)
             self._connect()
+
+    @property
+    def workers(self) -> int:  # type: ignore[override]
+        """How many workers run tasks at once (connects to Ray the first time it is asked)."""
+        if self._n == 0:
+            self._connect()
+        return self._n
 
     def __repr__(self) -> str:
         return f"RayExecutor(address={self.address!r}, workers={self._workers}, threads={self.threads})"
@@ -256,11 +267,11 @@ class RayExecutor(Executor):
             except Exception as exc:
                 raise ScaleOutError(f"could not start or reach Ray ({self.address or 'local'}): {exc}") from exc
         if self._workers is None:
-            self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // self.threads)
+            self._n = max(1, int(ray.cluster_resources().get("CPU", 1)) // self.threads)
         else:
-            self.workers = self._workers
+            self._n = self._workers
         if hasattr(self, "stats"):
-            self.stats.workers = self.workers
+            self.stats.workers = self._n
         return ray
 
     def _ship(self, ray: Any, shared: dict[str, Any]) -> list[Any]:
@@ -291,7 +302,7 @@ class RayExecutor(Executor):
         """Stop this executor's workers (they are kept between runs, so the next run skips their start)."""
         for w in self._pool:
             self.ray.kill(w, no_restart=True)
-        self._pool = []
+        self._pool, self._shipped = [], None
 
     def _run(self, setup, shared, work, tasks):
         import uuid
@@ -300,9 +311,14 @@ class RayExecutor(Executor):
 
         t0 = time.perf_counter()
         ray = self._connect()
-        refs = self._ship(ray, shared)
-        job = (setup, work, list(shared), refs)
-        run_id = uuid.uuid4().hex
+        key = (setup, work, tuple((k, id(v)) for k, v in shared.items()))
+        if self._shipped is not None and self._shipped[0] == key:  # the same objects again: already there
+            _key, job, run_id, _held = self._shipped
+        else:
+            refs = self._ship(ray, shared)
+            job = (setup, work, list(shared), refs)
+            run_id = uuid.uuid4().hex
+            self._shipped = (key, job, run_id, dict(shared))  # holding the objects keeps their ids unique
         actor = ray.remote(_Worker).options(num_cpus=self.threads, max_restarts=self.retries,
                                             max_task_retries=self.retries)
         while len(self._pool) < self.workers:

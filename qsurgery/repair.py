@@ -191,11 +191,13 @@ class _Context:
     progress: bool
     batch_size: int
     findings: list[Finding] = field(default_factory=list)
-    ranking: dict[str, float] | None = None
-    ranking_for: str | None = None
-    proposals: dict[str, list] = field(default_factory=dict)  # priced precision proposals per state
+    memos: dict[str, dict] = field(default_factory=dict)  # per remedy: what it measured once and reuses
     halves: list | None = None  # (indices, float metric) of the selection halves (callable metrics)
     executor: Any = None  # where sensitivity's layer runs go (qsurgery.executor)
+
+    def memo(self, remedy: str) -> dict:
+        """The remedy's own cache for this run (a layer ranking, the heads found)."""
+        return self.memos.setdefault(remedy, {})
 
 
 # ---------------------------------------------------------------------- measuring
@@ -406,18 +408,18 @@ def _precision_propose(ctx: _Context, state: _State) -> list[Proposal]:
     wider = [f for f in ctx.target.formats if f != ctx.target.default]
     if not wider:
         return []
+    memo = ctx.memo("precision")
     graph_key = json.dumps([s for s in state.steps if s["remedy"] != "precision"], sort_keys=True)
-    if ctx.ranking is None or ctx.ranking_for != graph_key:
-        ctx.ranking = _rank_layers(ctx, state)
-        ctx.ranking_for = graph_key
+    if memo.get("ranking_for") != graph_key:  # the layer ranking holds until a graph remedy changes the model
+        memo["ranking"], memo["ranking_for"] = _rank_layers(ctx, state), graph_key
     state_key = json.dumps(state.steps, sort_keys=True)
-    if state_key in ctx.proposals:  # a rejected trial leaves the state, and so its priced proposals, as they were
-        return ctx.proposals[state_key]
+    if state_key in memo:  # a rejected trial leaves the state, and so its priced proposals, as they were
+        return memo[state_key]
     done = {s["params"]["layer"]: s["params"]["format"] for s in state.steps if s["remedy"] == "precision"}
     sim, plan = _build(ctx, state)
     base = plan_cost(state.graph, plan, ctx.target).total
-    out = ctx.proposals[state_key] = []
-    for layer, gain in ctx.ranking.items():
+    out = memo[state_key] = []
+    for layer, gain in memo["ranking"].items():
         if gain <= 0:
             continue
         for fmt in wider:
@@ -491,10 +493,10 @@ def _split_head_propose(ctx: _Context, state: _State) -> list[Proposal]:
 
     if state.merge is not None or state.reference is not None:  # split once, before approximate steps
         return []
-    if "heads" not in ctx.proposals:
-        ctx.proposals["heads"] = find_heads(state.graph, ctx.calib)
-        ctx.proposals["concats"] = output_concats(state.graph)
-    heads, concats = ctx.proposals["heads"], ctx.proposals["concats"]
+    memo = ctx.memo("split_head")
+    if "heads" not in memo:  # found once, on the model before any split
+        memo["heads"], memo["concats"] = find_heads(state.graph, ctx.calib), output_concats(state.graph)
+    heads, concats = memo["heads"], memo["concats"]
     out = []
     if concats:  # decoupled heads: box and class branches joined (and requantized with one scale) in the graph
         out.append(Proposal("split_head", {"outputs": "uncat"}, f"{len(concats)} model output(s) concatenate "
@@ -768,7 +770,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     ``out_dir``: where trials are kept for resuming (and the result saved). ``executor``: where the layer
     ranking's runs go (None: this process; ``"ray"``, a Ray address or a :mod:`qsurgery.executor` executor:
     Ray workers; the same result)."""
-    from .executor import get_executor
+    from .executor import Task, get_executor
 
     t_start = time.perf_counter()
     executor = get_executor(executor)  # Ray missing or unreachable: said before any work
@@ -890,42 +892,58 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     tried: set[str] = set()
     t1 = time.perf_counter()
     bar = tqdm(total=max_trials, desc=f"repair ({target.name})", unit="trial", disable=not progress, leave=False)
+    width = max(1, executor.workers)
+    shipped_ctx = replace(ctx, executor=None) if width > 1 else None
     while len(trials) < max_trials and not holds(current):
-        proposals = []
-        for n in names:
-            remedy = REMEDIES[n]
-            if not remedy.free and any(REMEDIES[m].free and _pending(m, ctx, state, tried) for m in names):
-                continue  # costed remedies wait until the free ones are spent
-            proposals += [p for p in remedy.propose(ctx, state) if p.key not in tried]
-        if budget.max_cost is not None:
-            proposals = [p for p in proposals if current.cost + p.cost <= budget.max_cost]
-        if not proposals:
+        # the proposals one after another would try if each were dropped: with several workers they are
+        # measured at once, and the first one kept makes the rest stale (same trials as one at a time)
+        window: list[Proposal] = []
+        hypothetical = set(tried)
+        while len(window) < min(width, max_trials - len(trials)):
+            p = _next_proposal(ctx, state, names, hypothetical, current, budget)
+            if p is None:
+                break
+            window.append(p)
+            hypothetical.add(p.key)
+        if not window:
             break
-        p = max(proposals, key=lambda q: (q.expected_gain / max(q.cost, 1e-3) if q.cost > 0 else math.inf,
-                                          q.expected_gain))
-        key = _trial_key(state, p)
-        tried.add(p.key)
-        t = time.perf_counter()
-        new_state = REMEDIES[p.remedy].apply(ctx, state, p)
-        rec = cache.get(key)
-        if rec is not None:
-            after = _Measure(**rec["measure"])
+        remote = None
+        if len(window) > 1 and not any(_trial_key(state, p) in cache for p in window):
+            t = time.perf_counter()
+            packed = _pack_state(state)
+            remote = executor.map(_trial_setup, {"ctx": shipped_ctx}, _trial_work,
+                                  [Task(f"trial{len(trials) + k}", (packed, REMEDIES[p.remedy], p))
+                                   for k, p in enumerate(window)], progress=False)
+            each = (time.perf_counter() - t) / len(window)
+        for k, p in enumerate(window):
+            key = _trial_key(state, p)
+            tried.add(p.key)
+            t = time.perf_counter()
+            rec = cache.get(key)
             new_sim = None
-        else:
-            after, new_sim = _measure(ctx, new_state)
-        accepted, reason = _judge(current, after, budget, min_gain)
-        trial = Trial({"remedy": p.remedy, "params": p.params, "why": p.why}, current.metric, after.metric,
-                      current.kl, after.kl, after.cost, accepted, reason, time.perf_counter() - t, rec is not None)
-        trials.append(trial)
-        if log_path is not None and rec is None:
-            with log_path.open("a") as f:
-                f.write(json.dumps({"key": key, "measure": {k: v for k, v in asdict(after).items()
-                                                            if k != "plan_cost"}, "trial": asdict(trial)}) + "\n")
-        bar.update(1)
-        bar.set_postfix_str(f"{p.remedy}: KL {after.kl:.4f} {'kept' if accepted else 'dropped'}")
-        if accepted:
-            state, current = new_state, after
-            sim = new_sim
+            if remote is not None:
+                new_state, after = _unpack_state(remote[k][0]), remote[k][1]
+            else:
+                new_state = REMEDIES[p.remedy].apply(ctx, state, p)
+                if rec is not None:
+                    after = _Measure(**rec["measure"])
+                else:
+                    after, new_sim = _measure(ctx, new_state)
+            accepted, reason = _judge(current, after, budget, min_gain)
+            trial = Trial({"remedy": p.remedy, "params": p.params, "why": p.why}, current.metric, after.metric,
+                          current.kl, after.kl, after.cost, accepted, reason,
+                          each if remote is not None else time.perf_counter() - t, rec is not None)
+            trials.append(trial)
+            if log_path is not None and rec is None:
+                with log_path.open("a") as f:
+                    f.write(json.dumps({"key": key, "measure": {k: v for k, v in asdict(after).items()
+                                                                if k != "plan_cost"}, "trial": asdict(trial)}) + "\n")
+            bar.update(1)
+            bar.set_postfix_str(f"{p.remedy}: KL {after.kl:.4f} {'kept' if accepted else 'dropped'}")
+            if accepted:
+                state, current = new_state, after
+                sim = new_sim
+                break  # the rest of the window was measured on the old state
     bar.close()
     seconds["trials"] = time.perf_counter() - t1
 
@@ -983,6 +1001,51 @@ def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) 
                     f"{after.kl:.4g}" + why)
     return fell, (f"KL {current.kl:.4g} -> {after.kl:.4g}" + (" (kept)" if fell else
                                                               f" (needs a {100 * min_gain:.0f} % fall)"))
+
+
+def _next_proposal(ctx: _Context, state: _State, names: list[str], tried: set[str], current: _Measure,
+                   budget: Budget) -> Proposal | None:
+    """The proposal the engine tries next from ``state``: free remedies first, then the best expected gain per
+    unit of cost, within the cost cap; None when nothing is left."""
+    proposals: list[Proposal] = []
+    for n in names:
+        remedy = REMEDIES[n]
+        if not remedy.free and any(REMEDIES[m].free and _pending(m, ctx, state, tried) for m in names):
+            continue  # costed remedies wait until the free ones are spent
+        proposals += [p for p in remedy.propose(ctx, state) if p.key not in tried]
+    if budget.max_cost is not None:
+        proposals = [p for p in proposals if current.cost + p.cost <= budget.max_cost]
+    if not proposals:
+        return None
+    return max(proposals, key=lambda q: (q.expected_gain / max(q.cost, 1e-3) if q.cost > 0 else math.inf,
+                                         q.expected_gain))
+
+
+def _pack_state(state: _State) -> _State:
+    """``state`` with its graphs packed with their metadata, to ship to a worker (and back)."""
+    from .io import pack_graph
+
+    return replace(state, graph=pack_graph(state.graph),
+                   reference=pack_graph(state.reference) if state.reference is not None else None)
+
+
+def _unpack_state(state: _State) -> _State:
+    from .io import unpack_graph
+
+    return replace(state, graph=unpack_graph(state.graph),
+                   reference=unpack_graph(state.reference) if state.reference is not None else None)
+
+
+def _trial_setup(ctx: _Context) -> _Context:
+    return ctx
+
+
+def _trial_work(ctx: _Context, payload: tuple) -> tuple[_State, _Measure]:
+    """One trial on a worker: the remedy applied to the shipped state, measured on the selection images."""
+    packed, remedy, proposal = payload
+    new_state = remedy.apply(ctx, _unpack_state(packed), proposal)
+    after, _sim = _measure(ctx, new_state)
+    return _pack_state(new_state), after
 
 
 def _trial_key(state: _State, p: Proposal) -> str:

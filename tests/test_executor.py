@@ -90,6 +90,56 @@ def test_pruning_sensitivity_on_ray_is_the_in_process_one(two_nodes):
     assert len(here.curves) >= 2 and there.curves == here.curves and there.fingerprint == here.fingerprint
 
 
+def _precision_case():
+    from test_mixed_precision import Outlier  # one layer breaks int8; several widenings help, some do not
+
+    torch.manual_seed(0)
+    graph = qsurgery.capture(Outlier().eval(), torch.randn(1, 3, 10, 10))
+    sim, plan = qsurgery.quantize(graph, [torch.randn(16, 3, 10, 10) for _ in range(2)], progress=False)
+    data = [torch.randn(32, 3, 10, 10) for _ in range(4)]
+    sens = sensitivity(graph, None, data, mode="float_one", metric="kl", simulated=sim, progress=False)
+    return graph, plan, sens, data
+
+
+def test_precision_search_measuring_several_steps_at_once_takes_the_same_steps():
+    from qsurgery.passes import assign_precision
+
+    graph, plan, sens, data = _precision_case()
+    one = assign_precision(graph, plan, sens, target="int8-int16", data=data, metric="agreement", progress=False)
+    wide = InProcess()
+    wide.workers = 3  # windows of three candidates: stale ones measured again after a step is kept
+    three = assign_precision(graph, plan, sens, target="int8-int16", data=data, metric="agreement", progress=False,
+                             executor=wide)
+    assert sum(p.accepted for p in one.steps) >= 3 and not all(p.accepted for p in one.steps)
+    assert three.steps == one.steps and three.formats == one.formats
+
+
+def test_precision_search_on_ray_is_the_in_process_one(two_nodes):
+    from qsurgery.passes import assign_precision
+
+    graph, plan, sens, data = _precision_case()
+    here = assign_precision(graph, plan, sens, target="int8-int16", data=data, metric="agreement", progress=False)
+    there = assign_precision(graph, plan, sens, target="int8-int16", data=data, metric="agreement", progress=False,
+                             executor=two_nodes)
+    assert there.steps == here.steps and there.formats == here.formats
+
+
+def test_repair_trials_on_ray_are_the_in_process_ones(two_nodes):
+    from test_repair import FAST, _same_trials
+    from test_techniques import DepthwiseNet, images
+
+    torch.manual_seed(0)
+    m = DepthwiseNet().eval()
+    calib, x = [images(32) for _ in range(2)], images(160)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    kwargs = dict(budget=qsurgery.Budget(0.0, "top1"), target="per-tensor-int16", remedies=FAST + ["precision"],
+                  max_trials=6, progress=False)
+    here = qsurgery.repair(m, calib, (x, y), **kwargs)
+    there = qsurgery.repair(m, calib, (x, y), executor=two_nodes, **kwargs)
+    assert _same_trials(here, there)
+
+
 def test_an_object_that_cannot_be_shipped_is_named(two_nodes):
     import threading
 

@@ -81,6 +81,29 @@ def test_cost_cap_is_never_exceeded(net):
     assert r.relative_cost <= 1.0 and all(t.proposal["remedy"] != "precision" for t in r.trials)
 
 
+def _same_trials(a, b) -> bool:
+    def key(r):
+        return [(t.proposal, t.metric_after, t.kl_after, t.cost, t.accepted, t.reason) for t in r.trials]
+
+    return key(a) == key(b) and a.steps == b.steps and a.report == b.report and a.plan.to_json() == b.plan.to_json()
+
+
+def test_trials_measured_several_at_once_are_the_trials_one_at_a_time(net):
+    """With several workers the engine measures the next proposals at once; the first one kept makes the rest
+    stale, and they are not counted: the trials, the steps and the result are those of one at a time."""
+    from qsurgery.executor import InProcess
+
+    m, calib, x, y = net
+    kwargs = dict(budget=Budget(0.0, "top1"), target="per-tensor-int16", remedies=FAST + ["precision"],
+                  max_trials=8, progress=False)
+    one = repair(m, calib, (x, y), **kwargs)
+    wide = InProcess()
+    wide.workers = 3  # windows of three proposals, each trial on a packed copy of the state
+    three = repair(m, calib, (x, y), executor=wide, **kwargs)
+    assert sum(t.accepted for t in one.trials) >= 2 and not all(t.accepted for t in one.trials)
+    assert _same_trials(one, three)
+
+
 def test_resumes_from_its_trial_log_and_refuses_other_arguments(net, tmp_path):
     m, calib, x, y = net
     kwargs = dict(budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST, progress=False)

@@ -25,6 +25,8 @@ from ..cost import PlanCost, plan_cost
 from ..errors import ConfigError
 from ..evaluate import distance, predict
 from ..evaluate import score as _score
+from ..executor import InProcess, Task, get_executor
+from ..io import pack_graph
 from ..quant.plan import QuantPlan
 from ..quant.simulate import quantize
 from ..targets import Target, get_target
@@ -125,10 +127,21 @@ def measure_plan(graph: fx.GraphModule, plan: QuantPlan, data: Any, metric: str 
     return _score(out, labels, metric, reference), distance(reference, out)
 
 
+def _measure_setup(graph: Any, data: list, metric: str | Callable, reference: Any) -> dict:
+    from ..io import unpack_graph
+
+    return {"graph": unpack_graph(graph) if isinstance(graph, dict) else graph, "data": data, "metric": metric,
+            "reference": reference}
+
+
+def _measure_work(state: dict, plan: QuantPlan) -> tuple[float, float]:
+    return measure_plan(state["graph"], plan, state["data"], state["metric"], state["reference"])
+
+
 def assign_precision(graph: fx.GraphModule, plan: QuantPlan, sensitivity: SensitivityReport, *,
                      target: str | Target | dict, data: Any, budget: float | None = None,
                      max_cost: float | None = None, metric: str | Callable = "top1", max_steps: int = 48,
-                     min_kl_gain: float = 0.005, progress: bool = True) -> PrecisionResult:
+                     min_kl_gain: float = 0.005, executor: Any = None, progress: bool = True) -> PrecisionResult:
     """Choose per-layer formats for ``graph`` on ``target``.
 
     ``plan``: the calibrated all-int8 plan (``quantize`` returns it; its ranges are reused). ``sensitivity``:
@@ -139,6 +152,8 @@ def assign_precision(graph: fx.GraphModule, plan: QuantPlan, sensitivity: Sensit
 
     A step is kept when it lowers the outputs' KL divergence from float by at least ``min_kl_gain``
     (relative): on a few hundred images top-1 moves in coarse steps, KL shows every real improvement.
+    ``executor``: where the steps are measured (None: this process; ``"ray"``, an address or a
+    :mod:`qsurgery.executor` executor: several candidates at once on Ray workers, the same result).
     """
     target = get_target(target)
     if budget is not None and max_cost is not None:
@@ -147,10 +162,12 @@ def assign_precision(graph: fx.GraphModule, plan: QuantPlan, sensitivity: Sensit
         raise ConfigError("assign_precision needs a float_one sensitivity report (what keeping each layer "
                           f"float buys); got mode {sensitivity.mode!r}")
     target.check(plan)
-    ref_out, labels = predict(graph, data)
+    ex = get_executor(executor)  # Ray missing or unreachable: said before any work
+    batches = [data] if isinstance(data, torch.Tensor) else list(data)
+    ref_out, labels = predict(graph, batches)
     float_acc = _score(ref_out, labels, metric, ref_out)
     base_cost = plan_cost(graph, plan, target)
-    int8_acc, int8_kl = measure_plan(graph, plan, data, metric, ref_out)
+    int8_acc, int8_kl = measure_plan(graph, plan, batches, metric, ref_out)
     steps: list[FrontPoint] = [FrontPoint({}, int8_acc, base_cost.total, base_cost.non_int8_mac_share,
                                           kl=int8_kl)]
     current: dict[str, str] = {}
@@ -174,26 +191,43 @@ def assign_precision(graph: fx.GraphModule, plan: QuantPlan, sensitivity: Sensit
     def done() -> bool:
         return budget is not None and current_acc >= float_acc - budget
 
+    # Each step is measured against the plan kept so far. With several workers the next few candidates are
+    # measured at once against it; the first one kept makes the later ones stale (measured against the old
+    # plan), so they are measured again: the same steps, in the same order, as one at a time.
+    packed = graph if isinstance(ex, InProcess) else pack_graph(graph)
+    shared = {"graph": packed, "data": batches, "metric": metric, "reference": ref_out}
+    width = max(1, ex.workers)
     bar = tqdm(total=min(max_steps, len(candidates)), desc=f"assigning precision ({target.name})",
                disable=not progress, leave=False)
-    tried = 0
-    for _ratio, layer, fmt, _extra in candidates:
-        if done() or tried >= max_steps:
+    tried, i = 0, 0
+    while i < len(candidates) and not done() and tried < max_steps:
+        window, j = [], i
+        while j < len(candidates) and len(window) < min(width, max_steps - tried):
+            _ratio, layer, fmt, _extra = candidates[j]
+            j += 1
+            if layer in current and target.formats.index(current[layer]) >= target.formats.index(fmt):
+                continue
+            trial_formats = {**current, layer: fmt}
+            trial = with_formats(plan, trial_formats, target)
+            cost = plan_cost(graph, trial, target)
+            if max_cost is not None and cost.non_int8_mac_share > max_cost:
+                continue
+            window.append((j, trial_formats, trial, cost))
+        if not window:
             break
-        if layer in current and target.formats.index(current[layer]) >= target.formats.index(fmt):
-            continue
-        trial_formats = {**current, layer: fmt}
-        trial = with_formats(plan, trial_formats, target)
-        cost = plan_cost(graph, trial, target)
-        if max_cost is not None and cost.non_int8_mac_share > max_cost:
-            continue
-        tried += 1
-        bar.update(1)
-        acc, kl = measure_plan(graph, trial, data, metric, ref_out)
-        accepted = kl < current_kl * (1 - min_kl_gain)
-        steps.append(FrontPoint(trial_formats, acc, cost.total, cost.non_int8_mac_share, accepted, kl))
-        if accepted:
-            current, current_acc, current_kl = trial_formats, acc, kl
+        results = ex.map(_measure_setup, shared, _measure_work,
+                         [Task(f"step{tried + k}", trial) for k, (_j, _f, trial, _c) in enumerate(window)],
+                         progress=False)
+        i = j
+        for (after, trial_formats, _trial, cost), (acc, kl) in zip(window, results):
+            tried += 1
+            bar.update(1)
+            accepted = kl < current_kl * (1 - min_kl_gain)
+            steps.append(FrontPoint(trial_formats, acc, cost.total, cost.non_int8_mac_share, accepted, kl))
+            if accepted:
+                current, current_acc, current_kl = trial_formats, acc, kl
+                i = after  # the rest of the window was measured against the old plan
+                break
     bar.close()
 
     if budget is not None:
