@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import QSurgeryError
 
-__all__ = ["Task", "Executor", "InProcess", "RayExecutor", "ScaleOutError", "get_executor", "RunStats"]
+__all__ = ["Task", "Executor", "InProcess", "RayExecutor", "ScaleOutError", "get_executor", "RunStats", "fingerprint"]
 
 
 class ScaleOutError(QSurgeryError):
@@ -175,6 +175,38 @@ def _check_reachable(address: str, timeout: float = 5.0) -> None:
     except OSError as exc:
         raise ScaleOutError(f"no Ray cluster answers at {address} ({exc}); start one with `ray start --head` "
                             "there, or check the address and the firewall") from exc
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of what a result depends on, for checkpoints: tensors by dtype, shape and bytes (modules by
+    their state), lists, tuples and dicts by their items, anything else by ``repr``."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+
+    def add(obj: Any) -> None:
+        if isinstance(obj, torch.nn.Module):
+            add(obj.state_dict())
+        elif isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update((t.float() if t.dtype == torch.bfloat16 else t).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                h.update(repr(k).encode())
+                add(v)
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"{type(obj).__name__}{len(obj)}".encode())
+            for v in obj:
+                add(v)
+        else:
+            h.update(repr(getattr(obj, "__qualname__", obj)).encode())
+
+    for part in parts:
+        add(part)
+    return h.hexdigest()
 
 
 def _compact(obj: Any) -> Any:

@@ -478,7 +478,35 @@ def _rank_layers(ctx: _Context, state: _State) -> dict[str, float]:
 
 def _precision_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
     cfg = _with_format(state.config, p.params["layer"], p.params["format"])
-    return replace(state, config=cfg, steps=state.steps + [{"remedy": "precision", "params": p.params}])
+    graph = _rerounded(ctx, state, p.params["layer"], cfg)
+    return replace(state, graph=graph, config=cfg, steps=state.steps + [{"remedy": "precision", "params": p.params}])
+
+
+def _rerounded(ctx: _Context, state: _State, layer: str, config: QuantConfig) -> fx.GraphModule:
+    """The graph for ``layer`` in its new format. When learned rounding or distillation put its weights on the
+    narrow format's grid, the coarse values would only be copied into the finer format: the layer gets its
+    float weights back (from the float model before those approximate steps) and is rounded again, by learned
+    rounding, on the new format's grid (when that is an integer one)."""
+    from .graph import WEIGHT_SCALES, find_units
+    from .passes.common import folded_copy
+
+    pins = state.graph.meta.get(WEIGHT_SCALES, {})
+    module = next((u.module for u in find_units(state.graph) if u.name == layer), None)
+    if state.reference is None or module is None or module not in pins:
+        return state.graph
+    source = dict(folded_copy(state.reference).named_modules()).get(module)
+    graph = copy.deepcopy(state.graph)
+    graph.meta.update(copy.deepcopy(dict(state.graph.meta)))
+    target = graph.get_submodule(module)
+    if source is None or source.weight.shape != target.weight.shape:
+        return state.graph  # the float model no longer has this layer's shape: keep the rounded weights
+    with torch.no_grad():
+        target.weight.copy_(source.weight)
+    del graph.meta[WEIGHT_SCALES][module]
+    from .passes.learned_rounding import learned_rounding  # skips the layer when its new format is not integer
+
+    return learned_rounding(graph, ctx.calib, config, layers=[layer], reference=state.reference, seed=ctx.seed,
+                            progress=False).graph
 
 
 register_remedy(Remedy("precision", ("int8 error",), False, "selection images (ranking)", False,

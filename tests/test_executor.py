@@ -90,6 +90,24 @@ def test_pruning_sensitivity_on_ray_is_the_in_process_one(two_nodes):
     assert len(here.curves) >= 2 and there.curves == here.curves and there.fingerprint == here.fingerprint
 
 
+def test_pruning_sensitivity_resumes_from_its_checkpoint(tmp_path):
+    from qsurgery.passes import pruning_sensitivity
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    x = torch.randn(32, 3, 16, 16)
+    graph = qsurgery.capture(net, x[:1])
+    first = pruning_sensitivity(graph, [x], images=32, progress=False, checkpoint=tmp_path / "p.ckpt")
+    executor = InProcess()
+    again = pruning_sensitivity(graph, [x], images=32, progress=False, checkpoint=tmp_path / "p.ckpt",
+                                executor=executor)
+    assert executor.stats.resumed == len(first.curves) and not executor.stats.task_s and again.curves == first.curves
+    other = pruning_sensitivity(graph, [x * 2], images=32, progress=False, checkpoint=tmp_path / "p.ckpt",
+                                executor=executor)  # other images: measured again
+    assert executor.stats.resumed == 0 and other.curves != first.curves
+
+
 def _precision_case():
     from test_mixed_precision import Outlier  # one layer breaks int8; several widenings help, some do not
 

@@ -104,6 +104,29 @@ def test_trials_measured_several_at_once_are_the_trials_one_at_a_time(net):
     assert _same_trials(one, three)
 
 
+def test_a_layer_widened_after_learned_rounding_is_rounded_again_on_its_new_grid(net, monkeypatch):
+    """Learned rounding puts 4-bit weights on their grid; widened to int8, a layer gets its float weights back
+    and is rounded again on the 8-bit grid (not the coarse values copied into a finer format)."""
+    import sys
+
+    from qsurgery.graph import WEIGHT_SCALES
+
+    engine = sys.modules["qsurgery.repair"]  # the module (qsurgery.repair is the function)
+
+    m, calib, x, y = net
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8",
+               remedies=["learned_rounding", "precision"], max_trials=3, progress=False)
+    widened = [s["params"]["layer"] for s in r.steps if s["remedy"] == "precision"]
+    assert r.steps[0]["remedy"] == "learned_rounding" and widened
+    pins = r.graph.meta[WEIGHT_SCALES]
+    for name in widened:
+        layer = r.plan[name]
+        if layer.weight is not None and layer.module in pins:
+            assert layer.weight.bits == 8 and pins[layer.module][0]["bits"] == 8
+            assert not any("re-rounded" in n for n in layer.notes)
+
+
 def test_resumes_from_its_trial_log_and_refuses_other_arguments(net, tmp_path):
     m, calib, x, y = net
     kwargs = dict(budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST, progress=False)

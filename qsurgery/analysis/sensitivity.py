@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError, QSurgeryError
 from ..evaluate import distance
-from ..executor import Executor, ScaleOutError, Task, get_executor
+from ..executor import Executor, ScaleOutError, Task, fingerprint, get_executor
 from ..graph import device_of, input_count, module_macs
 from ..quant.config import QuantConfig
 from ..quant.simulate import SimulatedModel, quantize
@@ -301,22 +301,6 @@ def _work(state: dict, payload: tuple[int, list[str]]) -> dict:
     return result
 
 
-def _fingerprint(sim: SimulatedModel, batches: list, spec: dict) -> str:
-    """What a sensitivity result depends on: the model's weights and plan, the batches, the settings."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    for t in list(sim.state_dict().values()) + [t for b in batches for t in (b if isinstance(b, (tuple, list))
-                                                                              else [b])]:
-        t = torch.as_tensor(t).detach().cpu().contiguous()
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
-    h.update(sim.plan.to_json().encode() if hasattr(sim.plan, "to_json") else repr(sim.plan).encode())
-    h.update(repr({k: v for k, v in spec.items() if k not in ("metric", "distance")}).encode())
-    h.update(repr(getattr(spec["metric"], "__qualname__", spec["metric"])).encode())
-    return h.hexdigest()
-
-
 def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metric: str | Callable = "kl",
                 mode: Mode = "quantize_one", config: QuantConfig | None = None, layers: Sequence[str] | None = None,
                 simulated: SimulatedModel | None = None, distance: Callable[[Any, Any], float] | None = None,
@@ -370,10 +354,11 @@ def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metri
                      if workers > 1 else 1)
     tasks = [Task(f"batch{b}/group{g}", (b, group), len(group)) for b in range(len(batches))
              for g, group in enumerate(groups)]
-    fingerprint = _fingerprint(sim, batches, spec) if checkpoint is not None else ""
+    key = fingerprint(sim, sim.plan.to_json(), batches, {k: v for k, v in spec.items() if k != "nodes"},
+                      sim.quantized_names()) if checkpoint is not None else ""
     parts = ex.map(_setup, {"sim": sim, "batches": batches, "spec": spec}, _work, tasks,
                    desc=f"sensitivity ({mode})", unit="layer-run", progress=progress, checkpoint=checkpoint,
-                   fingerprint=fingerprint)
+                   fingerprint=key)
 
     reference, baseline = _Accumulator(metric, distance), _Accumulator(metric, distance)
     per_layer = {name: _Accumulator(metric, distance) for name in layers}

@@ -19,6 +19,7 @@ import operator
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -405,17 +406,20 @@ def _fingerprint(graph: fx.GraphModule, cg: ChannelGroups) -> tuple:
 
 def pruning_sensitivity(graph: fx.GraphModule, calib_data: Any, *, criterion: Literal["l1", "bn_gamma", "taylor"]
                         = "l1", exclude: Sequence[str] = (), compensate: bool = True, images: int = 64,
-                        executor: Any = None, progress: bool = True) -> PruningSensitivity:
+                        executor: Any = None, checkpoint: str | Path | None = None,
+                        progress: bool = True) -> PruningSensitivity:
     """Prune each cluster of coupled channels alone (its least important groups by ``criterion``, at
     12.5 ... 75 %) and measure the output divergence on ``images`` calibration images. ``executor``: where the
     clusters are measured (None: this process; ``"ray"``, an address or a :mod:`qsurgery.executor` executor:
-    Ray workers, the same result)."""
+    Ray workers, the same result). ``checkpoint``: a file keeping finished clusters, so that an interrupted run
+    resumes."""
     if calib_data is None:
         raise CalibrationError("pruning sensitivity is measured on calibration data: pass calib_data")
     cg = channel_groups(graph, exclude=exclude)
     scores = _scores(graph, cg, criterion, calib_data)
     means = _means_for(graph, cg, calib_data) if compensate else None
-    return _measure(graph, cg, scores, calib_data, means, _RATIOS, images, progress, criterion, executor)
+    return _measure(graph, cg, scores, calib_data, means, _RATIOS, images, progress, criterion, executor,
+                    checkpoint)
 
 
 def _means_for(graph: fx.GraphModule, cg: ChannelGroups, calib_data: Any) -> dict[str, torch.Tensor]:
@@ -455,8 +459,8 @@ def _cluster_curve(state: dict, payload: tuple[list[Element], Sequence[float]]) 
 
 def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, float], calib_data: Any,
              means: dict[str, torch.Tensor] | None, ratios: Sequence[float], images: int, progress: bool,
-             criterion: str, executor: Any = None) -> PruningSensitivity:
-    from ..executor import InProcess, Task, get_executor
+             criterion: str, executor: Any = None, checkpoint: str | Path | None = None) -> PruningSensitivity:
+    from ..executor import InProcess, Task, fingerprint, get_executor
     from ..io import pack_graph
 
     ex = get_executor(executor)
@@ -472,8 +476,10 @@ def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, flo
              for i, cluster in enumerate(clusters)]
     # workers get the graph packed with its metadata (a pickled GraphModule alone re-traces without it)
     shipped = graph if isinstance(ex, InProcess) else pack_graph(graph)
+    key = fingerprint(graph, _fingerprint(graph, cg), means, batches, [t.payload for t in tasks]) if checkpoint else ""
     curves = ex.map(_cluster_setup, {"graph": shipped, "cg": cg, "means": means, "batches": batches, "ref": ref},
-                    _cluster_curve, tasks, desc="pruning sensitivity", unit="eval", progress=progress)
+                    _cluster_curve, tasks, desc="pruning sensitivity", unit="eval", progress=progress,
+                    checkpoint=checkpoint, fingerprint=key)
     names = [sorted({m for g in cl for m, _ in cg.groups[g]}) for cl in clusters]
     return PruningSensitivity(clusters, names, curves, _predict_macs(graph, cg, set()), criterion,
                               _fingerprint(graph, cg))
