@@ -426,6 +426,9 @@ def _precision_propose(ctx: _Context, state: _State) -> list[Proposal]:
             if layer in done and wider.index(done[layer]) >= wider.index(fmt):
                 continue
             trial_plan = _reformat(plan, layer, fmt, ctx.target)
+            if (trial_plan[layer].weight, trial_plan[layer].activation) == (plan[layer].weight,
+                                                                           plan[layer].activation):
+                continue  # the same formats (a weightless add is int8 under w4a8 too): nothing to try
             extra = (plan_cost(state.graph, trial_plan, ctx.target).total - base) / ctx.base_cost
             out.append(Proposal("precision", {"layer": layer, "format": fmt},
                                 f"keeping {layer} float recovers KL {gain:.4g} (float_one, selection images)",
