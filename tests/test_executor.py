@@ -77,14 +77,18 @@ def test_two_ray_nodes_give_the_in_process_report(two_nodes, tmp_path):
     assert there.to_dict() == here.to_dict()
 
 
-def test_pruning_sensitivity_on_ray_is_the_in_process_one(two_nodes):
-    from qsurgery.passes import pruning_sensitivity
-
+def _prunable() -> tuple[torch.fx.GraphModule, torch.Tensor]:
     torch.manual_seed(1)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                         nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
     x = torch.randn(32, 3, 16, 16)
-    graph = qsurgery.capture(net, x[:1])
+    return qsurgery.capture(net, x[:1]), x
+
+
+def test_pruning_sensitivity_on_ray_is_the_in_process_one(two_nodes):
+    from qsurgery.passes import pruning_sensitivity
+
+    graph, x = _prunable()
     here = pruning_sensitivity(graph, [x[:16], x[16:]], images=32, progress=False)
     there = pruning_sensitivity(graph, [x[:16], x[16:]], images=32, progress=False, executor=two_nodes)
     assert len(here.curves) >= 2 and there.curves == here.curves and there.fingerprint == here.fingerprint
@@ -93,11 +97,7 @@ def test_pruning_sensitivity_on_ray_is_the_in_process_one(two_nodes):
 def test_pruning_sensitivity_resumes_from_its_checkpoint(tmp_path):
     from qsurgery.passes import pruning_sensitivity
 
-    torch.manual_seed(1)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-                        nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
-    x = torch.randn(32, 3, 16, 16)
-    graph = qsurgery.capture(net, x[:1])
+    graph, x = _prunable()
     first = pruning_sensitivity(graph, [x], images=32, progress=False, checkpoint=tmp_path / "p.ckpt")
     executor = InProcess()
     again = pruning_sensitivity(graph, [x], images=32, progress=False, checkpoint=tmp_path / "p.ckpt",
