@@ -103,16 +103,18 @@ class Executor:
 
     def map(self, setup: Callable[..., Any], shared: dict[str, Any], work: Callable[[Any, Any], Any],
             tasks: Sequence[Task], *, desc: str = "", unit: str = "task", progress: bool = True,
-            checkpoint: str | Path | None = None, fingerprint: str = "") -> list[Any]:
+            checkpoint: str | Path | None = None, depends_on: str = "") -> list[Any]:
         """The results of ``work(setup(**shared), task.payload)`` for ``tasks``, in their order. A later call
         with the same ``shared`` objects (the same dict values) reuses what was shipped and built. With
-        ``checkpoint``, tasks already in that file (written with the same ``fingerprint``) are not run again."""
+        ``checkpoint``, tasks already in that file (written for the same tasks and the same ``depends_on``, a
+        :func:`fingerprint` of what the results depend on) are not run again."""
         from tqdm.auto import tqdm
 
         keys = [t.key for t in tasks]
         if len(set(keys)) != len(keys):
             raise QSurgeryError("task keys must be unique")
-        saved = _Checkpoint(checkpoint, fingerprint)
+        key = fingerprint(depends_on, [(t.key, t.payload) for t in tasks]) if checkpoint is not None else ""
+        saved = _Checkpoint(checkpoint, key)  # results are kept per task: the tasks are part of the key
         todo = [t for t in tasks if t.key not in saved.results]
         self.stats = RunStats(workers=self.workers, resumed=len(tasks) - len(todo))
         bar = tqdm(total=sum(t.size for t in tasks), initial=sum(t.size for t in tasks if t.key in saved.results),

@@ -196,6 +196,15 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(tmp_path):
                           checkpoint=ckpt, executor=executor)
     assert executor.stats.resumed == 3 and calls["n"] == 3 * per_batch  # only the three batches left ran
     assert resumed.rows == full.rows
+    # a checkpoint of another task grouping (more workers: each batch's layers in groups) is not used
+    grouped = InProcess()
+    grouped.workers = 12
+    sensitivity(graph, None, data, metric="distance", simulated=sim, progress=False, checkpoint=ckpt,
+                executor=grouped)
+    assert len(grouped.stats.task_s) > len(data)  # grouped tasks did run
+    again = sensitivity(graph, None, data, metric="distance", simulated=sim, progress=False, checkpoint=ckpt,
+                        executor=executor)
+    assert executor.stats.resumed == 0 and again.rows == full.rows
     # a checkpoint of another model is not used
     sim2, _ = qsurgery.quantize(graph, calib[:4], progress=False)
     sensitivity(graph, None, data, metric="distance", distance=stopping, simulated=sim2, progress=False,

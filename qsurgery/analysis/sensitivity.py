@@ -358,7 +358,7 @@ def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metri
                       sim.quantized_names()) if checkpoint is not None else ""
     parts = ex.map(_setup, {"sim": sim, "batches": batches, "spec": spec}, _work, tasks,
                    desc=f"sensitivity ({mode})", unit="layer-run", progress=progress, checkpoint=checkpoint,
-                   fingerprint=key)
+                   depends_on=key)
 
     reference, baseline = _Accumulator(metric, distance), _Accumulator(metric, distance)
     per_layer = {name: _Accumulator(metric, distance) for name in layers}

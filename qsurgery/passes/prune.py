@@ -479,7 +479,7 @@ def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, flo
     key = fingerprint(graph, _fingerprint(graph, cg), means, batches, [t.payload for t in tasks]) if checkpoint else ""
     curves = ex.map(_cluster_setup, {"graph": shipped, "cg": cg, "means": means, "batches": batches, "ref": ref},
                     _cluster_curve, tasks, desc="pruning sensitivity", unit="eval", progress=progress,
-                    checkpoint=checkpoint, fingerprint=key)
+                    checkpoint=checkpoint, depends_on=key)
     names = [sorted({m for g in cl for m, _ in cg.groups[g]}) for cl in clusters]
     return PruningSensitivity(clusters, names, curves, _predict_macs(graph, cg, set()), criterion,
                               _fingerprint(graph, cg))
