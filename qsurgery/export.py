@@ -561,8 +561,9 @@ def _noise_floor(report: ExportReport, sim: SimulatedModel, batches: list,
 
 
 def _ties(first: tuple[str, float, float]) -> bool:
-    """A first difference that is float32 rounding ties: at most one step, on a tiny share of values."""
-    return first[1] <= 1.0 + 1e-6 and first[2] < 1e-3
+    """A first difference that is float32 rounding ties: one step (up to float32 error in the step), on a tiny
+    share of values."""
+    return first[1] < 1.5 and first[2] < 1e-3
 
 
 def _verdict(report: ExportReport, floor: float) -> str:
