@@ -211,19 +211,48 @@ def fingerprint(*parts: Any) -> str:
     return h.hexdigest()
 
 
+class _PackedGraph:
+    """A GraphModule on its way to a worker, packed with what qsurgery keeps beside its code (a pickled
+    GraphModule alone re-traces without its metadata)."""
+
+    def __init__(self, graph: Any):
+        from .io import pack_graph
+
+        self.data = pack_graph(graph)
+
+
 def _compact(obj: Any) -> Any:
-    """``obj`` with every tensor that views a larger storage (a slice of a big batch) copied to its own: a
-    pickled view carries its whole storage (8 slices of one image tensor shipped it 8 times)."""
+    """``obj`` as it is shipped: every tensor that views a larger storage (a slice of a big batch) copied to its
+    own (a pickled view carries its whole storage: 8 slices of one image tensor shipped it 8 times), and every
+    GraphModule packed with its metadata (:func:`_restore` unpacks it on the worker)."""
     import torch
+    import torch.fx as fx
 
     if isinstance(obj, torch.Tensor):
         return obj.clone() if obj.untyped_storage().nbytes() > obj.nbytes else obj
+    if isinstance(obj, fx.GraphModule):
+        return _PackedGraph(obj)
     if isinstance(obj, list):
         return [_compact(o) for o in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
         return tuple(_compact(o) for o in obj)
     if isinstance(obj, dict):
         return {k: _compact(v) for k, v in obj.items()}
+    return obj
+
+
+def _restore(obj: Any) -> Any:
+    """What :func:`_compact` shipped, with its packed graphs unpacked."""
+    if isinstance(obj, _PackedGraph):
+        from .io import unpack_graph
+
+        return unpack_graph(obj.data)
+    if isinstance(obj, list):
+        return [_restore(o) for o in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_restore(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _restore(v) for k, v in obj.items()}
     return obj
 
 
@@ -247,7 +276,7 @@ class _Worker:
             t0 = time.perf_counter()
             setup, work, names, refs = job
             self.state = None  # free the last run's state first
-            self.state, self.work = setup(**dict(zip(names, ray.get(list(refs))))), work
+            self.state, self.work = setup(**dict(zip(names, _restore(ray.get(list(refs)))))), work
             self.run_id = run_id
             setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()

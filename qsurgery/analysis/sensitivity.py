@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import ChainMap
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -349,7 +348,7 @@ def sensitivity(graph: fx.GraphModule, calib_data: Any, eval_data: Any, *, metri
             "nodes": [n.name for n in gm.graph.nodes]}
     # one task per batch; more (a batch's layers in groups of equal cost) when there are more workers than
     # batches to keep busy. A layer's figure does not depend on the grouping: the same report on any executor.
-    workers = ex.workers or os.cpu_count() or 1
+    workers = ex.workers
     groups = _chunks(list(layers), {n: len(starts[n]) for n in layers}, math.ceil(2 * workers / len(batches))
                      if workers > 1 else 1)
     tasks = [Task(f"batch{b}/group{g}", (b, group), len(group)) for b in range(len(batches))

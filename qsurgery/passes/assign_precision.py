@@ -25,8 +25,7 @@ from ..cost import PlanCost, plan_cost
 from ..errors import ConfigError
 from ..evaluate import distance, predict
 from ..evaluate import score as _score
-from ..executor import InProcess, Task, get_executor
-from ..io import pack_graph
+from ..executor import Task, get_executor
 from ..quant.plan import QuantPlan
 from ..quant.simulate import quantize
 from ..targets import Target, get_target
@@ -127,11 +126,8 @@ def measure_plan(graph: fx.GraphModule, plan: QuantPlan, data: Any, metric: str 
     return _score(out, labels, metric, reference), distance(reference, out)
 
 
-def _measure_setup(graph: Any, data: list, metric: str | Callable, reference: Any) -> dict:
-    from ..io import unpack_graph
-
-    return {"graph": unpack_graph(graph) if isinstance(graph, dict) else graph, "data": data, "metric": metric,
-            "reference": reference}
+def _measure_setup(graph: fx.GraphModule, data: list, metric: str | Callable, reference: Any) -> dict:
+    return {"graph": graph, "data": data, "metric": metric, "reference": reference}
 
 
 def _measure_work(state: dict, plan: QuantPlan) -> tuple[float, float]:
@@ -194,8 +190,7 @@ def assign_precision(graph: fx.GraphModule, plan: QuantPlan, sensitivity: Sensit
     # Each step is measured against the plan kept so far. With several workers the next few candidates are
     # measured at once against it; the first one kept makes the later ones stale (measured against the old
     # plan), so they are measured again: the same steps, in the same order, as one at a time.
-    packed = graph if isinstance(ex, InProcess) else pack_graph(graph)
-    shared = {"graph": packed, "data": batches, "metric": metric, "reference": ref_out}
+    shared = {"graph": graph, "data": batches, "metric": metric, "reference": ref_out}
     width = max(1, ex.workers)
     bar = tqdm(total=min(max_steps, len(candidates)), desc=f"assigning precision ({target.name})",
                disable=not progress, leave=False)

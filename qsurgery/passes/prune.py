@@ -427,19 +427,16 @@ def _means_for(graph: fx.GraphModule, cg: ChannelGroups, calib_data: Any) -> dic
                                 and not isinstance(graph.get_submodule(n), BATCHNORM_MODULES)], calib_data)
 
 
-def _cluster_setup(graph: dict, cg: ChannelGroups, means: dict[str, torch.Tensor] | None, batches: list,
-                   ref: list[torch.Tensor]) -> dict:
-    from ..io import unpack_graph
-
-    return {"graph": unpack_graph(graph) if isinstance(graph, dict) else graph, "cg": cg, "means": means,
-            "batches": batches, "ref": ref}
+def _cluster_setup(graph: fx.GraphModule, cg: ChannelGroups, means: dict[str, torch.Tensor] | None,
+                   batches: list, ref: list[torch.Tensor]) -> dict:
+    return {"graph": graph, "cg": cg, "means": means, "batches": batches, "ref": ref,
+            "base": _predict_macs(graph, cg, set())}
 
 
 def _cluster_curve(state: dict, payload: tuple[list[Element], Sequence[float]]) -> list:
     """One cluster pruned alone at each ratio (its least important groups first): divergence, MACs saved."""
     ranked, ratios = payload
-    graph, cg = state["graph"], state["cg"]
-    base = _predict_macs(graph, cg, set())
+    graph, cg, base = state["graph"], state["cg"], state["base"]
     curve: list[tuple[float, int, list[Element]]] = [(0.0, 0, [])]
     last_k = 0
     for r in ratios:
@@ -460,8 +457,7 @@ def _cluster_curve(state: dict, payload: tuple[list[Element], Sequence[float]]) 
 def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, float], calib_data: Any,
              means: dict[str, torch.Tensor] | None, ratios: Sequence[float], images: int, progress: bool,
              criterion: str, executor: Any = None, checkpoint: str | Path | None = None) -> PruningSensitivity:
-    from ..executor import InProcess, Task, fingerprint, get_executor
-    from ..io import pack_graph
+    from ..executor import Task, fingerprint, get_executor
 
     ex = get_executor(executor)
     batches, seen = [], 0
@@ -474,10 +470,8 @@ def _measure(graph: fx.GraphModule, cg: ChannelGroups, scores: dict[Element, flo
     clusters = cg.clusters()
     tasks = [Task(f"cluster{i}", (_ranked(cg, cluster, scores), tuple(ratios)), len(ratios))
              for i, cluster in enumerate(clusters)]
-    # workers get the graph packed with its metadata (a pickled GraphModule alone re-traces without it)
-    shipped = graph if isinstance(ex, InProcess) else pack_graph(graph)
-    key = fingerprint(graph, _fingerprint(graph, cg), means, batches, [t.payload for t in tasks]) if checkpoint else ""
-    curves = ex.map(_cluster_setup, {"graph": shipped, "cg": cg, "means": means, "batches": batches, "ref": ref},
+    key = fingerprint(graph, _fingerprint(graph, cg), means, batches) if checkpoint else ""  # map adds the tasks
+    curves = ex.map(_cluster_setup, {"graph": graph, "cg": cg, "means": means, "batches": batches, "ref": ref},
                     _cluster_curve, tasks, desc="pruning sensitivity", unit="eval", progress=progress,
                     checkpoint=checkpoint, depends_on=key)
     names = [sorted({m for g in cl for m, _ in cg.groups[g]}) for cl in clusters]
