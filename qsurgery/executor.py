@@ -14,6 +14,7 @@ a run stopped by Ctrl-C, a lost cluster or a crash resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import socket
@@ -222,9 +223,10 @@ class _PackedGraph:
 
 
 def _compact(obj: Any) -> Any:
-    """``obj`` as it is shipped: every tensor that views a larger storage (a slice of a big batch) copied to its
-    own (a pickled view carries its whole storage: 8 slices of one image tensor shipped it 8 times), and every
-    GraphModule packed with its metadata (:func:`_restore` unpacks it on the worker)."""
+    """``obj`` as it is shipped (shared objects, task payloads and results alike): every tensor that views a
+    larger storage (a slice of a big batch) copied to its own (a pickled view carries its whole storage: 8
+    slices of one image tensor shipped it 8 times), and every GraphModule packed with its metadata
+    (:func:`_restore` unpacks it on the other side), inside lists, tuples, dicts and dataclasses too."""
     import torch
     import torch.fx as fx
 
@@ -232,13 +234,7 @@ def _compact(obj: Any) -> Any:
         return obj.clone() if obj.untyped_storage().nbytes() > obj.nbytes else obj
     if isinstance(obj, fx.GraphModule):
         return _PackedGraph(obj)
-    if isinstance(obj, list):
-        return [_compact(o) for o in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_compact(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _compact(v) for k, v in obj.items()}
-    return obj
+    return _each(obj, _compact)
 
 
 def _restore(obj: Any) -> Any:
@@ -247,12 +243,21 @@ def _restore(obj: Any) -> Any:
         from .io import unpack_graph
 
         return unpack_graph(obj.data)
+    return _each(obj, _restore)
+
+
+def _each(obj: Any, fn: Callable[[Any], Any]) -> Any:
+    """``obj`` with ``fn`` applied to each item of a list, tuple or dict, or each field of a dataclass."""
     if isinstance(obj, list):
-        return [_restore(o) for o in obj]
+        return [fn(o) for o in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-        return tuple(_restore(o) for o in obj)
+        return tuple(fn(o) for o in obj)
     if isinstance(obj, dict):
-        return {k: _restore(v) for k, v in obj.items()}
+        return {k: fn(v) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        changed = {f.name: fn(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+        if any(v is not getattr(obj, k) for k, v in changed.items()):
+            return dataclasses.replace(obj, **changed)
     return obj
 
 
@@ -280,8 +285,8 @@ class _Worker:
             self.run_id = run_id
             setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = self.work(self.state, payload)
-        return result, time.perf_counter() - t0, setup_s
+        result = self.work(self.state, _restore(payload))
+        return _compact(result), time.perf_counter() - t0, setup_s
 
 
 class RayExecutor(Executor):
@@ -393,8 +398,9 @@ class RayExecutor(Executor):
             while queue or pending:
                 while idle and queue:
                     task, w = queue.popleft(), idle.pop()
-                    self.stats.task_bytes += job_bytes + len(cloudpickle.dumps(task.payload))
-                    pending[w.run.remote(run_id, job, task.payload)] = (w, task)
+                    payload = _compact(task.payload)
+                    self.stats.task_bytes += job_bytes + len(cloudpickle.dumps(payload))
+                    pending[w.run.remote(run_id, job, payload)] = (w, task)
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:
                     w, task = pending.pop(ref)
@@ -423,7 +429,7 @@ class RayExecutor(Executor):
                     self.stats.task_s.append(seconds)
                     self.stats.result_bytes += len(cloudpickle.dumps(result))
                     idle.append(w)
-                    yield task, result
+                    yield task, _restore(result)
             ok = True
         finally:
             if not ok:  # failed or Ctrl-C: stop the remote work now (the workers go with it)

@@ -374,10 +374,15 @@ for _name, _strict, _plain, _why, _fn, _fixes, _exact in (
                            "nothing", False, _why, _p, _a, default=_name != "distillation"))
 
 
+_FITTED_TO_SCALES = ("bias_correction", "learned_rounding", "distillation")
+
+
 def _observer_propose(ctx: _Context, state: _State) -> list[Proposal]:
     out = [Proposal("observer", {"observer": o}, f"activation ranges from the {o} observer clip outliers", 0.1)
            for o in ("percentile", "mse")]
-    prior = 0.45 if state.config.weight.bits < 8 else 0.05  # before learned rounding, which keeps scales
+    if any(s["remedy"] in _FITTED_TO_SCALES for s in state.steps):
+        return out  # bias correction and learned rounding were fitted to the weight scales: they stay
+    prior = 0.55 if state.config.weight.bits < 8 else 0.05  # first after equalization on narrow grids
     return out + [Proposal("observer", {"weight_observer": "mse"}, "weight scales that minimise the rounding error "
                            "(clip the largest weights)", prior)]
 
@@ -411,7 +416,10 @@ def _precision_propose(ctx: _Context, state: _State) -> list[Proposal]:
     memo = ctx.memo("precision")
     graph_key = json.dumps([s for s in state.steps if s["remedy"] != "precision"], sort_keys=True)
     if memo.get("ranking_for") != graph_key:  # the layer ranking holds until a graph remedy changes the model
-        memo["ranking"], memo["ranking_for"] = _rank_layers(ctx, state), graph_key
+        # ranked on the float weights: after bias correction or learned rounding the graph holds values fitted
+        # to the narrow grid, and "keeping a layer float" would keep those (what widening buys is unseen)
+        ranked = state if state.reference is None else replace(state, graph=state.reference)
+        memo["ranking"], memo["ranking_for"] = _rank_layers(ctx, ranked), graph_key
     state_key = json.dumps(state.steps, sort_keys=True)
     if state_key in memo:  # a rejected trial leaves the state, and so its priced proposals, as they were
         return memo[state_key]
@@ -486,25 +494,36 @@ def _precision_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
 
 
 def _rerounded(ctx: _Context, state: _State, layer: str, config: QuantConfig) -> fx.GraphModule:
-    """The graph for ``layer`` in its new format. When learned rounding or distillation put its weights on the
-    narrow format's grid, the coarse values would only be copied into the finer format: the layer gets its
-    float weights back (from the float model before those approximate steps) and is rounded again, by learned
-    rounding, on the new format's grid (when that is an integer one)."""
+    """The graph for ``layer`` in its new format. Approximate steps fitted the layer to its old weight grid: bias
+    correction moved its bias by the old grid's mean shift, learned rounding or distillation put its weights on
+    the old grid (a finer format would only copy the coarse values). The layer gets its float weights and bias
+    back (from the float model before those steps) and, where learned rounding had pinned it, is rounded again
+    by learned rounding on the new format's grid (when that is an integer one)."""
     from .graph import WEIGHT_SCALES, find_units
     from .passes.common import folded_copy
 
-    pins = state.graph.meta.get(WEIGHT_SCALES, {})
     module = next((u.module for u in find_units(state.graph) if u.name == layer), None)
-    if state.reference is None or module is None or module not in pins:
-        return state.graph
+    if state.reference is None or module is None or state.config.formats_for(layer)[0] == config.formats_for(layer)[0]:
+        return state.graph  # nothing fitted, or its weights keep their grid (a16w8): what was fitted still holds
     source = dict(folded_copy(state.reference).named_modules()).get(module)
+    current = state.graph.get_submodule(module)
+    if source is None or getattr(source, "weight", None) is None or source.weight.shape != current.weight.shape \
+            or (source.bias is None) != (current.bias is None):
+        return state.graph  # the float model no longer has this layer's shape: keep it as it is
+    pinned = module in state.graph.meta.get(WEIGHT_SCALES, {})
+    same = torch.equal(source.weight, current.weight) and (source.bias is None
+                                                           or torch.equal(source.bias, current.bias))
+    if same and not pinned:
+        return state.graph
     graph = copy.deepcopy(state.graph)
     graph.meta.update(copy.deepcopy(dict(state.graph.meta)))
     target = graph.get_submodule(module)
-    if source is None or source.weight.shape != target.weight.shape:
-        return state.graph  # the float model no longer has this layer's shape: keep the rounded weights
     with torch.no_grad():
         target.weight.copy_(source.weight)
+        if source.bias is not None:
+            target.bias.copy_(source.bias)
+    if not pinned:
+        return graph
     del graph.meta[WEIGHT_SCALES][module]
     from .passes.learned_rounding import learned_rounding  # skips the layer when its new format is not integer
 
@@ -941,9 +960,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
         remote = None
         if len(window) > 1 and not any(_trial_key(state, p) in cache for p in window):
             t = time.perf_counter()
-            packed = _pack_state(state)
             remote = executor.map(_trial_setup, {"ctx": shipped_ctx}, _trial_work,
-                                  [Task(f"trial{len(trials) + k}", (packed, REMEDIES[p.remedy], p))
+                                  [Task(f"trial{len(trials) + k}", (state, REMEDIES[p.remedy], p))
                                    for k, p in enumerate(window)], progress=False)
             each = (time.perf_counter() - t) / len(window)
         for k, p in enumerate(window):
@@ -953,7 +971,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
             rec = cache.get(key)
             new_sim = None
             if remote is not None:
-                new_state, after = _unpack_state(remote[k][0]), remote[k][1]
+                new_state, after = remote[k]
             else:
                 new_state = REMEDIES[p.remedy].apply(ctx, state, p)
                 if rec is not None:
@@ -1052,31 +1070,17 @@ def _next_proposal(ctx: _Context, state: _State, names: list[str], tried: set[st
                                          q.expected_gain))
 
 
-def _pack_state(state: _State) -> _State:
-    """``state`` with its graphs packed with their metadata, to ship to a worker (and back)."""
-    from .io import pack_graph
-
-    return replace(state, graph=pack_graph(state.graph),
-                   reference=pack_graph(state.reference) if state.reference is not None else None)
-
-
-def _unpack_state(state: _State) -> _State:
-    from .io import unpack_graph
-
-    return replace(state, graph=unpack_graph(state.graph),
-                   reference=unpack_graph(state.reference) if state.reference is not None else None)
-
-
 def _trial_setup(ctx: _Context) -> _Context:
     return ctx
 
 
 def _trial_work(ctx: _Context, payload: tuple) -> tuple[_State, _Measure]:
-    """One trial on a worker: the remedy applied to the shipped state, measured on the selection images."""
-    packed, remedy, proposal = payload
-    new_state = remedy.apply(ctx, _unpack_state(packed), proposal)
+    """One trial on a worker: the remedy applied to the shipped state, measured on the selection images (the
+    executor packs the states' graphs on the way)."""
+    state, remedy, proposal = payload
+    new_state = remedy.apply(ctx, state, proposal)
     after, _sim = _measure(ctx, new_state)
-    return _pack_state(new_state), after
+    return new_state, after
 
 
 def _trial_key(state: _State, p: Proposal) -> str:

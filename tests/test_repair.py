@@ -128,6 +128,57 @@ def test_a_layer_widened_after_learned_rounding_is_rounded_again_on_its_new_grid
             assert not any("re-rounded" in n for n in layer.notes)
 
 
+def test_a_layer_widened_after_bias_correction_gets_its_float_bias_back(net, monkeypatch):
+    """Bias correction moves a layer's bias by its 4-bit grid's mean shift; widened to int8, the layer gets its
+    float bias back (the old correction would now be an error of its own)."""
+    import sys
+
+    from qsurgery.passes.common import folded_copy
+
+    engine = sys.modules["qsurgery.repair"]
+    m, calib, x, y = net
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8",
+               remedies=["bias_correction", "precision"], max_trials=3, progress=False)
+    assert r.steps[0]["remedy"] == "bias_correction"
+    widened = [s["params"]["layer"] for s in r.steps if s["remedy"] == "precision"]
+    float_modules = dict(folded_copy(qsurgery.capture(m, x[:1])).named_modules())
+    repaired = dict(r.graph.named_modules())
+    changed = 0
+    for layer in r.plan:
+        if layer.weight is None or repaired[layer.module].bias is None:
+            continue
+        same = torch.equal(repaired[layer.module].bias, float_modules[layer.module].bias)
+        assert same == (layer.name in widened), layer.name
+        changed += not same
+    assert widened and changed
+
+
+def test_a_layer_widened_only_in_its_activations_keeps_its_bias_correction(net, monkeypatch):
+    """a16w8 keeps a layer's 8-bit weight grid, so the bias correction fitted to it still holds and stays."""
+    import sys
+
+    from qsurgery.passes.common import folded_copy
+
+    engine = sys.modules["qsurgery.repair"]
+    m, calib, x, y = net
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    a16 = qsurgery.Target("a16-only", "per-tensor int8 with 16-bit activations per layer",
+                          formats=("int8", "a16w8"), per_channel=False, mac_cost={"int8": 1.0, "a16w8": 2.0})
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target=a16,
+               remedies=["bias_correction", "precision"], max_trials=4, progress=False)
+    corrected = dict(repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target=a16, remedies=["bias_correction"],
+                            max_trials=1, progress=False).graph.named_modules())
+    float_modules = dict(folded_copy(qsurgery.capture(m, x[:1])).named_modules())
+    widened = [r.plan[s["params"]["layer"]] for s in r.steps if s["remedy"] == "precision"]
+    weighted = [layer for layer in widened if layer.weight is not None]
+    assert weighted
+    for layer in weighted:
+        bias = r.graph.get_submodule(layer.module).bias
+        assert torch.equal(bias, corrected[layer.module].bias)
+        assert not torch.equal(bias, float_modules[layer.module].bias)
+
+
 def test_resumes_from_its_trial_log_and_refuses_other_arguments(net, tmp_path):
     m, calib, x, y = net
     kwargs = dict(budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST, progress=False)
@@ -304,3 +355,41 @@ def test_distillation_is_tried_only_when_named(net):
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8", remedies=["distillation"],
                progress=False, max_trials=2)
     assert [t.proposal["remedy"] for t in r.trials] == ["distillation"]
+
+
+def test_weight_scales_are_chosen_before_the_steps_fitted_to_them(net, monkeypatch):
+    """On a 4-bit grid the MSE weight scales come before bias correction and learned rounding, and once those
+    are kept, the scales they were fitted to are no longer offered for change."""
+    import sys
+
+    engine = sys.modules["qsurgery.repair"]
+    m, calib, x, y = net
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8",
+               remedies=["bias_correction", "observer"], max_trials=6, progress=False)
+    tried = [(t.proposal["remedy"], t.proposal["params"]) for t in r.trials]
+    assert tried[0] == ("observer", {"weight_observer": "mse"}) and tried[1][0] == "bias_correction"
+    assert ("observer", {"weight_observer": "mse"}) not in tried[1:]
+
+
+def test_precision_ranks_layers_on_float_weights_after_fitted_steps(net, monkeypatch):
+    """After bias correction the graph's biases are fitted to the narrow grid: the precision ranking keeps a
+    layer float on the float model's weights and biases (the reference), not on the fitted ones."""
+    import sys
+
+    engine = sys.modules["qsurgery.repair"]
+    m, calib, x, y = net
+    seen = []
+    rank = engine._rank_layers
+
+    def spy(ctx, state):
+        seen.append((state.graph, state.reference))
+        return rank(ctx, state)
+
+    monkeypatch.setattr(engine, "_rank_layers", spy)
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8",
+               remedies=["bias_correction", "precision"], max_trials=2, progress=False)
+    assert r.steps[0]["remedy"] == "bias_correction" and seen
+    graph, reference = seen[-1]
+    assert reference is not None and graph is reference

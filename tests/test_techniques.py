@@ -161,6 +161,32 @@ def test_learned_rounding_beats_nearest_and_keeps_its_integers():
         assert any("learned rounding" in note for note in plan[name].notes)
 
 
+class _ClippedAndOpen(nn.Module):
+    """Two convs of the input: one whose outputs all fall below the ReLU6 that reads it, one read as it is."""
+
+    def __init__(self):
+        super().__init__()
+        self.clipped, self.act, self.open = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(3, 8, 3, padding=1)
+        with torch.no_grad():
+            self.clipped.bias.fill_(-100.0)
+
+    def forward(self, x):
+        return self.act(self.clipped(x)) + self.open(x)
+
+
+def test_learned_rounding_measures_the_error_after_the_clip_that_follows():
+    """Errors a following ReLU6 clips away do not count: the clipped conv's error is zero, the open one's not."""
+    torch.manual_seed(0)
+    calib = [images(16)]
+    graph = qsurgery.capture(_ClippedAndOpen().eval(), calib[0][:1])
+    r = learned_rounding(graph, calib, _w4(), iters=20, progress=False)
+    _, plan = qsurgery.quantize(r.graph, calib, _w4(), progress=False)
+    errors = {plan[c["layer"]].module: c["error_before"] for c in r.changes}
+    assert errors["clipped"] == 0.0 and errors["open"] > 0.0
+    r = learned_rounding(graph, calib, _w4(), iters=20, through_clip=False, progress=False)
+    assert all(c["error_before"] > 0.0 for c in r.changes)  # measured before the clip, every error counts
+
+
 def test_learned_rounding_is_deterministic_and_serves_every_weight_grid():
     _, graph, calib, _ = _setup()
     a = learned_rounding(graph, calib, _w4(), iters=40, seed=3, progress=False)
@@ -181,6 +207,8 @@ def test_learned_rounding_says_which_layers_it_cannot_fit():
     assert any("fc" in n and "too few" in n for n in r.notes)
     with pytest.raises(ConfigError, match="no quantized layer"):
         learned_rounding(graph, calib, _w4(), layers=["nope"], progress=False)
+    with pytest.raises(ConfigError, match="pool must be >= 1"):
+        learned_rounding(graph, calib, _w4(), pool=0, progress=False)
     with pytest.raises(CalibrationError):
         learned_rounding(graph, [], _w4(), progress=False)
     with pytest.raises(CalibrationError, match="NaN"):

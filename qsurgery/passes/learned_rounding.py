@@ -4,9 +4,9 @@ so that each layer's output on calibration data stays as close as possible to th
 Layers are done in order from the input. For layer ``L`` the pass takes its inputs as the quantized model
 produces them (the layers before ``L`` already rounded), samples output positions, and fits a soft rounding
 variable per weight (rectified sigmoid, annealed regulariser that pushes it to 0 or 1) so that the layer's
-output matches the float model's output at the same positions. Then the weights are put on their grid
-(``scale x integer``) in the graph and the scale is pinned in the graph (``WEIGHT_SCALES``), so the
-simulation, the integer twin and the QDQ export hold exactly the integers chosen here.
+output, after the clipping activation that follows it if any, matches the float model's at the same positions.
+Then the weights are put on their grid (``scale x integer``) in the graph and the scale is pinned in the graph
+(``WEIGHT_SCALES``), so the simulation, the integer twin and the QDQ export hold exactly the integers chosen here.
 
 Works for conv (any groups, 2-d) and linear layers, per-channel or per-tensor, free or power-of-two scales,
 2..8-bit symmetric weights. Other layers keep round-to-nearest, and the result says which and why.
@@ -14,6 +14,7 @@ Works for conv (any groups, 2-d) and linear layers, per-channel or per-tensor, f
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
-from ..graph import WEIGHT_SCALES
+from ..graph import WEIGHT_SCALES, ChannelClip, clip_bounds
 from ..quant.config import QuantConfig
 from ..quant.simulate import graph_inputs, quantize
 from .common import PassResult, folded_copy, graph_cost
@@ -31,7 +32,8 @@ from .common import PassResult, folded_copy, graph_cost
 __all__ = ["learned_rounding"]
 
 _ZETA, _GAMMA = 1.1, -0.1
-_MIN_ROWS, _ROWS_PER_WEIGHT = 512, 16  # rows a fit uses: at least 16 per weight of one output, 512 at least
+_MIN_ROWS, _ROWS_PER_WEIGHT = 512, 16  # positions a step uses: 16 per weight of one output, 512 at least
+_POOL_FLOATS = 1 << 25  # a layer's pool of sampled inputs: 128 MB at most
 
 
 def _positions(module: nn.Module, shape: torch.Size) -> int:
@@ -97,21 +99,26 @@ def _why_not(module: nn.Module, fmt) -> str | None:
 
 
 def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None = None, *,
-                     iters: int = 300, samples: int = 2048, reg: float = 0.01, lr: float = 1e-2,
+                     iters: int = 300, samples: int = 2048, pool: int = 8, through_clip: bool = True,
+                     reg: float = 0.01, lr: float = 1e-2,
                      layers: list[str] | None = None, reference: fx.GraphModule | None = None, seed: int = 0,
                      progress: bool = True) -> PassResult:
     """A BN-folded copy of ``graph`` whose weights are put on ``config``'s grid by learned rounding.
 
-    ``iters``: optimisation steps per layer; ``samples``: most output positions per layer the fit uses
-    (sampled, seeded; a layer with few weights per output, like a depthwise conv, uses 16 per weight);
+    ``iters``: optimisation steps per layer; ``samples``: most output positions per step (16 per weight of one
+    output, 512 at least); ``pool``: how many steps' worth of positions (seeded sample, 16 per weight at least,
+    128 MB of inputs at most) the steps take turns on, so the fit sees many positions at the cost of one step's
+    (1: every step fits the same positions). Where a ReLU / ReLU6 /
+    hardtanh alone reads the layer's output, the error is measured after it (``through_clip``; errors the clip
+    removes do not count, Nagel et al.'s asymmetric reconstruction);
     ``layers``: unit names to round (default: every weighted layer whose format allows it).
     ``reference``: the float model whose layer outputs the fit matches (default ``graph``); give the graph
     before an approximate change such as bias correction, whose biases are meant for rounded weights, not
     float ones (its layers must carry the same names). Layers with fewer sampled positions than weights
     per output channel keep round-to-nearest (the fit would be under-determined): the notes say which.
     ``float_error``: the rounded layers' output error on their samples, after / before (a ratio)."""
-    if iters < 1 or samples < 1:
-        raise ConfigError(f"iters and samples must be >= 1, got {iters}, {samples}")
+    if iters < 1 or samples < 1 or pool < 1:
+        raise ConfigError(f"iters, samples and pool must be >= 1, got {iters}, {samples}, {pool}")
     config = config or QuantConfig.int8()
     gm = folded_copy(graph)
     batches = list(graph_inputs(gm, calib_data, what="learned-rounding"))
@@ -141,7 +148,8 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
         missing = [layer.module for layer in todo if layer.module not in dict(ref.named_modules())]
         if missing:
             raise ConfigError(f"learned_rounding: the reference has no layer(s) {missing[:5]}")
-    targets = _float_targets(ref, todo, inputs, samples, gen)
+    targets = _float_targets(ref, todo, inputs, samples, pool, gen)
+    clips = {layer.name: _clip_after(gm, layer.module) for layer in todo} if through_clip else {}
     # one quantized pass: each layer is rounded just before it runs, on the inputs the rounded layers before
     # it produced, so the layers after it see its rounded outputs
     bar = tqdm(total=len(todo), desc="learned rounding", unit="layer", disable=not progress, leave=False)
@@ -154,8 +162,6 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
             fitted.add(layer.name)
             idx, y_rows, out_hw = targets[layer.name]
             per_out = module.weight[0].numel()
-            keep = min(len(idx), max(_MIN_ROWS, _ROWS_PER_WEIGHT * per_out))  # enough rows per fitted weight
-            idx, y_rows = idx[:keep], y_rows[:keep]
             x_rows = _in_rows(module, args[0].detach(), idx, out_hw)
             bar.update(1)
             if x_rows.shape[0] < per_out:
@@ -167,7 +173,8 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
             s = scale.reshape([-1] + [1] * (w_float.dim() - 1)) if scale.numel() > 1 else scale.reshape(())
             bias = module.bias.detach() if module.bias is not None else None
             with torch.enable_grad():
-                q, before, after = _fit(module, x_rows, y_rows, w_float, s, layer.weight, iters, reg, lr, bias)
+                q, before, after = _fit(module, x_rows, y_rows, w_float, s, layer.weight, iters, reg, lr, bias,
+                                        clips.get(layer.name), _batch_rows(module, samples))
             snapped = (q * s).to(w_float.dtype)
             with torch.no_grad():
                 module.weight.copy_(snapped)
@@ -200,10 +207,10 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
     return result
 
 
-def _float_targets(gm: fx.GraphModule, todo: list, inputs: tuple, samples: int, gen: torch.Generator
+def _float_targets(gm: fx.GraphModule, todo: list, inputs: tuple, samples: int, pool: int, gen: torch.Generator
                    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
-    """Per layer: sampled output positions, the float model's outputs there, and the output's height and width
-    (one forward pass)."""
+    """Per layer: sampled output positions (``pool`` steps' worth, shuffled), the float model's outputs there, and
+    the output's height and width (one forward pass)."""
     targets: dict[str, tuple[torch.Tensor, torch.Tensor, tuple[int, int]]] = {}
 
     def grab(layer):
@@ -211,7 +218,10 @@ def _float_targets(gm: fx.GraphModule, todo: list, inputs: tuple, samples: int, 
             if layer.name in targets:
                 return
             n = _positions(module, out.shape)
-            idx = torch.randperm(n, generator=gen)[:samples] if n > samples else torch.arange(n)
+            batch = _batch_rows(module, samples)
+            row_floats = getattr(module, "groups", 1) * module.weight[0].numel()  # one sampled input row
+            rows = max(batch, min(pool * batch, _POOL_FLOATS // max(row_floats, 1)))
+            idx = torch.randperm(n, generator=gen)[:rows]  # shuffled: any slice of it is a random sample
             idx = idx.to(out.device)
             hw = (out.shape[2], out.shape[3]) if out.dim() == 4 else (1, 1)
             targets[layer.name] = (idx, _out_rows(module, out.detach(), idx).contiguous(), hw)
@@ -227,9 +237,45 @@ def _float_targets(gm: fx.GraphModule, todo: list, inputs: tuple, samples: int, 
     return targets
 
 
+def _batch_rows(module: nn.Module, samples: int) -> int:
+    """Output positions one fitting step uses: 16 per weight of one output, at least 512, at most ``samples``
+    (a depthwise conv's broadcast products cost memory per position, not arithmetic)."""
+    return min(samples, max(_MIN_ROWS, _ROWS_PER_WEIGHT * module.weight[0].numel()))
+
+
+def _clip_after(gm: fx.GraphModule, module_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The clip bounds (lo, hi) of a ReLU / ReLU6 / hardtanh / ChannelClip that alone reads the layer's output,
+    shaped to clip output rows (positions, channels); None when the output is read otherwise."""
+    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == module_name), None)
+    if node is None or len(node.users) != 1:
+        return None
+    nxt = next(iter(node.users))
+    if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), ChannelClip):
+        m = gm.get_submodule(nxt.target)
+        return m.lo.detach().clone().reshape(1, -1), m.hi.detach().clone().reshape(1, -1)
+    bounds = clip_bounds(gm, nxt)
+    if bounds is None or not nxt.args or nxt.args[0] is not node:
+        return None
+    return torch.tensor(bounds[0]), torch.tensor(bounds[1])
+
+
 def _fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.Tensor, fmt, iters: int,
-         reg: float, lr: float, bias: torch.Tensor | None) -> tuple[torch.Tensor, float, float]:
-    """Integers (as floats) for ``w`` on the grid ``s`` that fit ``y`` from ``x``; errors before and after."""
+         reg: float, lr: float, bias: torch.Tensor | None, clip: tuple[torch.Tensor, torch.Tensor] | None,
+         batch: int) -> tuple[torch.Tensor, float, float]:
+    """Integers (as floats) for ``w`` on the grid ``s`` that fit ``y`` from ``x`` (shuffled rows; each step takes
+    the next ``batch`` of them; through ``clip`` when a clipping activation follows); errors before and after,
+    on all rows."""
+    if clip is not None:  # one fused clamp (bounds as numbers where they are one number: the cheapest form)
+        lo, hi = ((float(b) if b.numel() == 1 else b.to(y)) for b in clip)
+        lo, hi = (None if isinstance(lo, float) and lo == -math.inf else lo,
+                  None if isinstance(hi, float) and hi == math.inf else hi)
+
+        def act(t: torch.Tensor) -> torch.Tensor:
+            return torch.clamp(t, lo, hi)
+        y = act(y)
+    else:
+        def act(t: torch.Tensor) -> torch.Tensor:
+            return t
     qmin, qmax = fmt.qrange
     base = torch.floor(w / s)
     frac = (w / s - base).clamp(0, 1)
@@ -246,15 +292,19 @@ def _fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s
 
     def error(q: torch.Tensor) -> float:
         with torch.no_grad():
-            return float((_apply(module, x, q * s, bias) - y).pow(2).sum(1).mean() / denom)
+            return float((act(_apply(module, x, q * s, bias)) - y).pow(2).sum(1).mean() / denom)
 
     err_before = error(nearest)
     warm = int(0.2 * iters)
+    rows = min(batch, len(x))
+    slices = len(x) // rows
     for step in range(iters):
         h = (torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA).clamp(0, 1)
         q = torch.clamp(base + h, qmin, qmax)
         q = torch.where(keep, nearest, q)
-        rec = (_apply(module, x, q * s, bias) - y).pow(2).sum(1).mean() / denom
+        k = step % slices  # the pool is shuffled: its slices are random batches, and slicing copies nothing
+        xb, yb = x[k * rows:(k + 1) * rows], y[k * rows:(k + 1) * rows]
+        rec = (act(_apply(module, xb, q * s, bias)) - yb).pow(2).sum(1).mean() / denom
         loss = rec
         if step >= warm:
             beta = 20 + (2 - 20) * (step - warm) / max(iters - warm, 1)
