@@ -106,11 +106,10 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
     """A BN-folded copy of ``graph`` whose weights are put on ``config``'s grid by learned rounding.
 
     ``iters``: optimisation steps per layer; ``samples``: most output positions per step (16 per weight of one
-    output, 512 at least); ``pool``: how many steps' worth of positions (seeded sample, 16 per weight at least,
-    128 MB of inputs at most) the steps take turns on, so the fit sees many positions at the cost of one step's
-    (1: every step fits the same positions). Where a ReLU / ReLU6 /
-    hardtanh alone reads the layer's output, the error is measured after it (``through_clip``; errors the clip
-    removes do not count, Nagel et al.'s asymmetric reconstruction);
+    output, 512 at least); ``pool``: how many steps' worth of positions (a seeded sample, 128 MB of inputs at
+    most) the steps take turns on, so the fit sees many positions at the cost of one step's (1: every step fits
+    the same positions). ``through_clip``: where a ReLU / ReLU6 / hardtanh alone reads the layer's output, the
+    error is measured after it (errors the clip removes do not count; Nagel et al.'s asymmetric reconstruction);
     ``layers``: unit names to round (default: every weighted layer whose format allows it).
     ``reference``: the float model whose layer outputs the fit matches (default ``graph``); give the graph
     before an approximate change such as bias correction, whose biases are meant for rounded weights, not
