@@ -148,7 +148,7 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
         if missing:
             raise ConfigError(f"learned_rounding: the reference has no layer(s) {missing[:5]}")
     targets = _float_targets(ref, todo, inputs, samples, pool, gen)
-    clips = {layer.name: _clip_after(gm, layer.module) for layer in todo} if through_clip else {}
+    clips = _clips_after(gm, todo) if through_clip else {}
     # one quantized pass: each layer is rounded just before it runs, on the inputs the rounded layers before
     # it produced, so the layers after it see its rounded outputs
     bar = tqdm(total=len(todo), desc="learned rounding", unit="layer", disable=not progress, leave=False)
@@ -242,32 +242,38 @@ def _batch_rows(module: nn.Module, samples: int) -> int:
     return min(samples, max(_MIN_ROWS, _ROWS_PER_WEIGHT * module.weight[0].numel()))
 
 
-def _clip_after(gm: fx.GraphModule, module_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The clip bounds (lo, hi) of a ReLU / ReLU6 / hardtanh / ChannelClip that alone reads the layer's output,
-    shaped to clip output rows (positions, channels); None when the output is read otherwise."""
-    node = next((n for n in gm.graph.nodes if n.op == "call_module" and n.target == module_name), None)
-    if node is None or len(node.users) != 1:
-        return None
-    nxt = next(iter(node.users))
-    if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), ChannelClip):
-        m = gm.get_submodule(nxt.target)
-        return m.lo.detach().clone().reshape(1, -1), m.hi.detach().clone().reshape(1, -1)
-    bounds = clip_bounds(gm, nxt)
-    if bounds is None or not nxt.args or nxt.args[0] is not node:
-        return None
-    return torch.tensor(bounds[0]), torch.tensor(bounds[1])
+_Bound = float | torch.Tensor | None  # a clip bound as ``torch.clamp`` takes it
+
+
+def _clips_after(gm: fx.GraphModule, layers: list) -> dict[str, tuple[_Bound, _Bound]]:
+    """Per layer whose output a ReLU / ReLU6 / hardtanh / ChannelClip alone reads: its clip bounds (lo, hi) as
+    ``torch.clamp`` takes them (numbers, None for no bound, or per-channel rows for ChannelClip)."""
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_module"}
+    clips: dict[str, tuple[_Bound, _Bound]] = {}
+    for layer in layers:
+        node = nodes.get(layer.module)
+        if node is None or len(node.users) != 1:
+            continue
+        nxt = next(iter(node.users))
+        if nxt.op == "call_module" and isinstance(gm.get_submodule(nxt.target), ChannelClip):
+            m = gm.get_submodule(nxt.target)
+            clips[layer.name] = m.lo.detach().clone().reshape(1, -1), m.hi.detach().clone().reshape(1, -1)
+            continue
+        bounds = clip_bounds(gm, nxt)
+        if bounds is not None and nxt.args and nxt.args[0] is node:
+            lo, hi = bounds
+            clips[layer.name] = (None if lo == -math.inf else lo), (None if hi == math.inf else hi)
+    return clips
 
 
 def _fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s: torch.Tensor, fmt, iters: int,
-         reg: float, lr: float, bias: torch.Tensor | None, clip: tuple[torch.Tensor, torch.Tensor] | None,
+         reg: float, lr: float, bias: torch.Tensor | None, clip: tuple[_Bound, _Bound] | None,
          batch: int) -> tuple[torch.Tensor, float, float]:
     """Integers (as floats) for ``w`` on the grid ``s`` that fit ``y`` from ``x`` (shuffled rows; each step takes
     the next ``batch`` of them; through ``clip`` when a clipping activation follows); errors before and after,
     on all rows."""
-    if clip is not None:  # one fused clamp (bounds as numbers where they are one number: the cheapest form)
-        lo, hi = ((float(b) if b.numel() == 1 else b.to(y)) for b in clip)
-        lo, hi = (None if isinstance(lo, float) and lo == -math.inf else lo,
-                  None if isinstance(hi, float) and hi == math.inf else hi)
+    if clip is not None:  # one fused clamp (a first version with maximum/minimum cost a third more)
+        lo, hi = (b.to(y) if isinstance(b, torch.Tensor) else b for b in clip)
 
         def act(t: torch.Tensor) -> torch.Tensor:
             return torch.clamp(t, lo, hi)
