@@ -36,6 +36,8 @@ def main() -> None:
     ap.add_argument("--targets", nargs="*", default=TARGETS)
     ap.add_argument("--budgets", nargs="*", type=float, default=[0.5, 1.0])
     ap.add_argument("--max-trials", type=int, default=24)
+    ap.add_argument("--remedies", nargs="*", help="remedy names (default: every one the target allows)")
+    ap.add_argument("--max-cost", type=float, help="cost cap relative to the plain model (Budget.max_cost)")
     ap.add_argument("--no-anchors", action="store_true")
     ap.add_argument("--log-dir", default="out/repair", help="each run's trial table (markdown) goes here")
     args = ap.parse_args()
@@ -52,15 +54,17 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---|---|")
     for target in args.targets:
         for b in args.budgets:
-            r = repair(d.graph, d.calib, sel, report_data=rep, budget=Budget(b, "top1"), target=target,
-                       max_trials=args.max_trials, progress=False)
+            allowed = None if args.remedies is None else [
+                n for n in args.remedies if qsurgery.REMEDIES[n].forbidden_on(qsurgery.get_target(target)) is None]
+            r = repair(d.graph, d.calib, sel, report_data=rep, budget=Budget(b, "top1", args.max_cost), target=target,
+                       remedies=allowed, max_trials=args.max_trials, progress=False)
             log = Path(args.log_dir)
             log.mkdir(parents=True, exist_ok=True)
             (log / f"{target}-budget{b}.md").write_text(r.to_markdown())
             p = r.report
             lo, hi = p.drop_interval
             steps = "; ".join(s["remedy"] + ("" if not s["params"] else
-                                              " " + ",".join(str(v) for v in s["params"].values()))
+                                              "(" + ", ".join(f"{k}={v}" for k, v in s["params"].items()) + ")")
                               for s in r.steps) or "-"
             sec = r.seconds
             print(f"| {target} | {b} | {p.float_metric:.2f} | {p.baseline_metric:.2f} | {p.repaired_metric:.2f} | "

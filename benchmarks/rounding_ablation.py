@@ -1,6 +1,7 @@
 """Learned rounding, its design choices on the real EfficientNet-Lite0: the error measured after the clip that
 follows a layer (``through_clip``) and steps taking turns on a pool of positions (``pool``), each alone and
-together, at W4 per-channel / A8 with MSE weight scales (first and last layer 8-bit).
+together, and the layers of each block fitted together to the block's output (``blocks``), at W4
+per-channel / A8 with MSE weight scales (first and last layer 8-bit).
 
 These choices were made on the development images (the 200 images after the calibration ones, never the
 report images of ``techniques.py``), so this script measures there: top-1, agreement and KL against float,
@@ -25,7 +26,8 @@ from qsurgery.passes import learned_rounding
 VARIANTS = {"before (pool 1, no clip)": dict(pool=1, through_clip=False),
             "through the clip": dict(pool=1, through_clip=True),
             "pool of 8 steps": dict(pool=8, through_clip=False),
-            "both (the default)": dict(pool=8, through_clip=True)}
+            "both (the default)": dict(pool=8, through_clip=True),
+            "blocks": dict(pool=8, through_clip=True, blocks=True)}
 
 
 def main() -> None:

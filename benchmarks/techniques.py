@@ -59,6 +59,8 @@ def main() -> None:
                     help="calibrate (and fit rounding, distil) on the dev images too; the report images stay the same")
     ap.add_argument("--iters", type=int, default=300, help="learned rounding steps per layer")
     ap.add_argument("--lr-pool", type=int, default=8, help="learned rounding: steps' worth of positions in its pool")
+    ap.add_argument("--lr-blocks", action="store_true",
+                    help="learned rounding: the layers of each block fitted together to the block's output")
     ap.add_argument("--lr-no-clip", action="store_true",
                     help="learned rounding: the error before the clip that follows a layer (the earlier design)")
     ap.add_argument("--distill-steps", type=int, default=200, help="distillation steps")
@@ -103,12 +105,13 @@ def main() -> None:
             if full:
                 g, s_lr = _cached(cache, "eq+lr", lambda g=g, cfg=cfg: learned_rounding(
                     g, d.calib, cfg, iters=args.iters, pool=args.lr_pool, through_clip=not args.lr_no_clip,
-                    progress=False).graph)
+                    blocks=args.lr_blocks, progress=False).graph)
                 secs += s_lr
             t = time.perf_counter()
             if row == "+learned rounding":
                 g = learned_rounding(d.graph, d.calib, cfg, iters=args.iters, pool=args.lr_pool,
-                                     through_clip=not args.lr_no_clip, progress=False).graph
+                                     through_clip=not args.lr_no_clip, blocks=args.lr_blocks,
+                                     progress=False).graph
             if row in ("+bias correction", "+both") or full:
                 g = bias_correction(g, d.calib, cfg).graph
             if row in ("+distillation", "+all +distillation"):

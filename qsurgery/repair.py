@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 
 from .capture import capture
 from .cost import PlanCost, plan_cost
-from .errors import ConfigError, DataError, QSurgeryError
+from .errors import CalibrationError, ConfigError, DataError, QSurgeryError
 from .evaluate import distance, predict, score, take
+from .graph import module_macs
 from .quant.config import QuantConfig
 from .quant.plan import QuantPlan
 from .quant.simulate import SimulatedModel, iter_inputs, quantize
@@ -147,6 +148,7 @@ class _State:
     reference: fx.GraphModule | None = None  # the float model as of the last exact step (None: ``graph``)
     merge: Callable | None = None  # rebuilds the original outputs from a split graph's (split_head)
     output_names: list[str] | None = None
+    origin: fx.GraphModule | None = None  # the float model as the structural steps left it (None: ``graph``)
 
 
 @dataclass(frozen=True)
@@ -315,61 +317,68 @@ def _regime(target: Target) -> list[str]:
     return found
 
 
-def _graph_remedy(name: str, prior_strict: float, prior_plain: float, why: str, fn: Callable[[_Context, _State],
-                  fx.GraphModule]) -> tuple[Callable, Callable]:
+def _graph_remedy(name: str, prior_strict: float, prior_plain: float, why: str, fn: Callable[[_Context, _State, dict],
+                  fx.GraphModule], params: Callable[[_Context], dict] = lambda _ctx: {}) -> tuple[Callable, Callable]:
     def propose(ctx: _Context, state: _State) -> list[Proposal]:
         if any(s["remedy"] == name for s in state.steps):
             return []
         prior = prior_strict if _regime(ctx.target) else prior_plain
-        return [Proposal(name, {}, why, prior)]
+        return [Proposal(name, params(ctx), why, prior)]
 
-    def apply(ctx: _Context, state: _State, _p: Proposal) -> _State:
-        graph = fn(ctx, state)
+    def apply(ctx: _Context, state: _State, p: Proposal) -> _State:
+        graph = fn(ctx, state, p.params)
         exact = REMEDIES[name].exact
         reference = None if exact else (state.reference if state.reference is not None else state.graph)
-        return replace(state, graph=graph, steps=state.steps + [{"remedy": name, "params": {}}], reference=reference)
+        return replace(state, graph=graph, steps=state.steps + [{"remedy": name, "params": p.params}],
+                       reference=reference)
 
     return propose, apply
 
 
-def _equalize(ctx: _Context, state: _State) -> fx.GraphModule:
+def _equalize(ctx: _Context, state: _State, _params: dict) -> fx.GraphModule:
     from .passes.equalize import equalize
 
     return equalize(state.graph).graph
 
 
-def _bias_correction(ctx: _Context, state: _State) -> fx.GraphModule:
+def _bias_correction(ctx: _Context, state: _State, _params: dict) -> fx.GraphModule:
     from .passes.bias_correction import bias_correction
 
     return bias_correction(state.graph, ctx.calib, state.config).graph
 
 
-def _learned_rounding(ctx: _Context, state: _State) -> fx.GraphModule:
+def _learned_rounding(ctx: _Context, state: _State, params: dict) -> fx.GraphModule:
     from .passes.learned_rounding import learned_rounding
 
     return learned_rounding(state.graph, ctx.calib, state.config, reference=state.reference, seed=ctx.seed,
-                            progress=ctx.progress).graph
+                            progress=ctx.progress, **params).graph
 
 
-def _distillation(ctx: _Context, state: _State) -> fx.GraphModule:
+def _rounding_params(ctx: _Context) -> dict:
+    """Block-wise rounding on 4-bit weights (where it was measured to bring the model closer to float),
+    layer-wise elsewhere."""
+    return {"blocks": True} if "4-bit weights" in _regime(ctx.target) else {}
+
+
+def _distillation(ctx: _Context, state: _State, _params: dict) -> fx.GraphModule:
     from .passes.distillation import distill_quantized
 
     return distill_quantized(state.graph, ctx.calib, state.config, reference=state.reference, seed=ctx.seed,
                              progress=ctx.progress).graph
 
 
-for _name, _strict, _plain, _why, _fn, _fixes, _exact in (
+for _name, _strict, _plain, _why, _fn, _fixes, _exact, _params in (
     ("equalize", 0.6, 0.05, "per-channel weight ranges differ widely under one scale (cross-layer equalization)",
-     _equalize, ("per-tensor weights", "power-of-two scales"), True),
+     _equalize, ("per-tensor weights", "power-of-two scales"), True, lambda _ctx: {}),
     ("bias_correction", 0.5, 0.1, "weight rounding shifts the mean of layer outputs", _bias_correction,
-     ("per-tensor weights", "power-of-two scales", "4-bit weights", "mean shift"), False),
+     ("per-tensor weights", "power-of-two scales", "4-bit weights", "mean shift"), False, lambda _ctx: {}),
     ("learned_rounding", 0.4, 0.05, "round-to-nearest is not the best rounding for the layer's output",
-     _learned_rounding, ("4-bit weights", "per-tensor weights", "power-of-two scales"), False),
+     _learned_rounding, ("4-bit weights", "per-tensor weights", "power-of-two scales"), False, _rounding_params),
     ("distillation", 0.3, 0.02, "train the weights through the quantization against the float model's outputs "
      "(the last resort: minutes per trial)", _distillation,
-     ("4-bit weights", "per-tensor weights", "power-of-two scales", "int8 error"), False),
+     ("4-bit weights", "per-tensor weights", "power-of-two scales", "int8 error"), False, lambda _ctx: {}),
 ):
-    _p, _a = _graph_remedy(_name, _strict, _plain, _why, _fn)
+    _p, _a = _graph_remedy(_name, _strict, _plain, _why, _fn, _params)
     register_remedy(Remedy(_name, _fixes, _exact, "calibration images (no labels)" if _name != "equalize" else
                            "nothing", False, _why, _p, _a, default=_name != "distillation"))
 
@@ -414,12 +423,7 @@ def _precision_propose(ctx: _Context, state: _State) -> list[Proposal]:
     if not wider:
         return []
     memo = ctx.memo("precision")
-    graph_key = json.dumps([s for s in state.steps if s["remedy"] != "precision"], sort_keys=True)
-    if memo.get("ranking_for") != graph_key:  # the layer ranking holds until a graph remedy changes the model
-        # ranked on the float weights: after bias correction or learned rounding the graph holds values fitted
-        # to the narrow grid, and "keeping a layer float" would keep those (what widening buys is unseen)
-        ranked = state if state.reference is None else replace(state, graph=state.reference)
-        memo["ranking"], memo["ranking_for"] = _rank_layers(ctx, ranked), graph_key
+    ranking = _ranking(ctx, state)
     state_key = json.dumps(state.steps, sort_keys=True)
     if state_key in memo:  # a rejected trial leaves the state, and so its priced proposals, as they were
         return memo[state_key]
@@ -427,7 +431,7 @@ def _precision_propose(ctx: _Context, state: _State) -> list[Proposal]:
     sim, plan = _build(ctx, state)
     base = plan_cost(state.graph, plan, ctx.target).total
     out = memo[state_key] = []
-    for layer, gain in memo["ranking"].items():
+    for layer, gain in ranking.items():
         if gain <= 0:
             continue
         for fmt in wider:
@@ -442,6 +446,19 @@ def _precision_propose(ctx: _Context, state: _State) -> list[Proposal]:
                                 f"keeping {layer} float recovers KL {gain:.4g} (float_one, selection images)",
                                 gain * _RECOVERY.get(fmt, 1.0), max(extra, 0.0)))
     return out
+
+
+def _ranking(ctx: _Context, state: _State) -> dict[str, float]:
+    """What keeping each layer float buys (float_one KL on selection images), measured once per model: it holds
+    until a graph remedy changes the model (precision steps do not)."""
+    memo = ctx.memo("ranking")
+    graph_key = json.dumps([s for s in state.steps if s["remedy"] != "precision"], sort_keys=True)
+    if graph_key not in memo:
+        # ranked on the float weights: after bias correction or learned rounding the graph holds values fitted
+        # to the narrow grid, and "keeping a layer float" would keep those (what widening buys is unseen)
+        ranked = state if state.reference is None else replace(state, graph=state.reference)
+        memo[graph_key] = _rank_layers(ctx, ranked)
+    return memo[graph_key]
 
 
 def _reformat(plan: QuantPlan, layer: str, fmt: str, target: Target) -> QuantPlan:
@@ -498,7 +515,8 @@ def _rerounded(ctx: _Context, state: _State, layer: str, config: QuantConfig) ->
     correction moved its bias by the old grid's mean shift, learned rounding or distillation put its weights on
     the old grid (a finer format would only copy the coarse values). The layer gets its float weights and bias
     back (from the float model before those steps) and, where learned rounding had pinned it, is rounded again
-    by learned rounding on the new format's grid (when that is an integer one)."""
+    by learned rounding on the new format's grid (when that is an integer one); where learned rounding fitted
+    blocks, the other layers of its block are rounded again with it, as one block."""
     from .graph import WEIGHT_SCALES, find_units
     from .passes.common import folded_copy
 
@@ -527,8 +545,24 @@ def _rerounded(ctx: _Context, state: _State, layer: str, config: QuantConfig) ->
     del graph.meta[WEIGHT_SCALES][module]
     from .passes.learned_rounding import learned_rounding  # skips the layer when its new format is not integer
 
-    return learned_rounding(graph, ctx.calib, config, layers=[layer], reference=state.reference, seed=ctx.seed,
-                            progress=False).graph
+    layers, blocks = [layer], any(s["remedy"] == "learned_rounding" and s["params"].get("blocks")
+                                  for s in state.steps)
+    if blocks:  # its block was rounded as one: the others made up for its coarse grid, so they are rounded again
+        parent = module.rpartition(".")[0]
+        pins = graph.meta[WEIGHT_SCALES]
+        siblings = [u for u in find_units(folded_copy(graph)) if u.module and u.module != module and parent
+                    and u.module.rpartition(".")[0] == parent and u.module in pins]
+        references = dict(folded_copy(state.reference).named_modules())
+        for u in siblings:
+            src, dst = references.get(u.module), graph.get_submodule(u.module)
+            if src is None or src.weight.shape != dst.weight.shape:
+                continue
+            with torch.no_grad():
+                dst.weight.copy_(src.weight)  # its bias keeps its correction: the grid is the same
+            del pins[u.module]
+            layers.append(u.name)
+    return learned_rounding(graph, ctx.calib, config, layers=layers, blocks=blocks and len(layers) > 1,
+                            reference=state.reference, seed=ctx.seed, progress=False).graph
 
 
 register_remedy(Remedy("precision", ("int8 error",), False, "selection images (ranking)", False,
@@ -582,6 +616,126 @@ register_remedy(Remedy("split_head", ("detection head",), True, "calibration ima
                        "split a detection head conv per channel group, each group with its own int8 scale; "
                        "the outputs are merged on the host, outside the int8 graph", _split_head_propose,
                        _split_head_apply))
+
+
+# ---------------------------------------------------------------------- structural remedies
+# A structural remedy rewrites the float model itself (a dense conv in place of a depthwise-separable unit,
+# fewer channels). The steps taken so far were fitted to the model as it was (bias correction, learned
+# rounding, ranges), so the change is made on the float model as the structural steps left it (``origin``) and
+# every other accepted step is replayed on the result, in its order: the trial is the model the engine would
+# have reached had the structural step come first.
+_STRUCTURAL = ("dw_to_dense", "prune_channels")
+
+
+def _rebuilt(ctx: _Context, state: _State, step: dict, graph: fx.GraphModule) -> _State:
+    """``state`` as if the structural ``step`` (whose float result is ``graph``) had been taken first."""
+    from .graph import find_units
+    from .passes.common import folded_copy
+
+    structural = [s for s in state.steps if s["remedy"] in _STRUCTURAL] + [step]
+    new = _State(graph, ctx.target.config(), structural, origin=graph)
+    names = None
+    for s in state.steps:
+        if s["remedy"] in _STRUCTURAL:
+            continue
+        if s["remedy"] == "precision":
+            names = names if names is not None else {u.name for u in find_units(folded_copy(graph))}
+            if s["params"]["layer"] not in names:
+                continue  # the layer is gone (replaced by the dense conv): so is its format
+        new = REMEDIES[s["remedy"]].apply(ctx, new, Proposal(s["remedy"], s["params"], "replayed", 0.0))
+    return new
+
+
+def _origin(state: _State) -> fx.GraphModule:
+    return state.origin if state.origin is not None else state.graph
+
+
+def _default_mac_cost(ctx: _Context) -> float:
+    return ctx.target.mac_cost.get(ctx.target.default, 1.0)
+
+
+def _dense_propose(ctx: _Context, state: _State) -> list[Proposal]:
+    from .passes.dw_to_dense import find_separable
+
+    if state.merge is not None:
+        return []
+    memo = ctx.memo("dw_to_dense")
+    key = json.dumps([s for s in state.steps if s["remedy"] in _STRUCTURAL], sort_keys=True)
+    if key not in memo:
+        memo[key] = find_separable(_origin(state))
+    done = {s["params"]["block"] for s in state.steps if s["remedy"] == "dw_to_dense"}
+    ranking = _ranking(ctx, state)
+    out = []
+    for unit in memo[key]:
+        gain = ranking.get(unit.dw, 0.0) + ranking.get(unit.pw, 0.0)
+        if unit.block in done or gain <= 0:
+            continue
+        extra = (unit.dense_macs - unit.macs) * _default_mac_cost(ctx) / ctx.base_cost
+        out.append(Proposal("dw_to_dense", {"block": unit.block},
+                            f"keeping {unit.dw} and {unit.pw} float recovers KL {gain:.4g}: one dense conv in their "
+                            f"place ({unit.macs / 1e6:.1f} -> {unit.dense_macs / 1e6:.1f} M MACs)",
+                            0.5 * gain, max(extra, 0.0)))  # half: the dense conv is fitted, not exact
+    return out
+
+
+def _dense_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
+    from .passes.dw_to_dense import dw_to_dense
+
+    graph = dw_to_dense(_origin(state), [p.params["block"]], calib_data=ctx.calib).graph
+    return _rebuilt(ctx, state, {"remedy": "dw_to_dense", "params": p.params}, graph)
+
+
+register_remedy(Remedy("dw_to_dense", ("int8 error", "depthwise conv"), False, "calibration images (least "
+                       "squares fit where an activation sits between the convs)", False,
+                       "replace a depthwise-separable unit by one dense conv (more MACs, well-conditioned weights); "
+                       "kept only when it measurably pays; each trial replays the fitted steps (minutes on a real "
+                       "model), so it runs only when named", _dense_propose, _dense_apply, free=False, default=False))
+
+
+def _pay_with_pruning(ctx: _Context, state: _State, blocked: Proposal, current: _Measure,
+                      budget: Budget) -> Proposal | None:
+    """A proposal that prunes the float model's cheapest channels (by pruning sensitivity) to pay for
+    ``blocked``, a proposal the cost cap refused: the MACs pruned are the cost it is over the cap by, at the
+    target's default-format price, with a 10 % margin."""
+    if blocked.remedy in _STRUCTURAL or state.merge is not None:
+        return None
+    over = current.cost + blocked.cost - budget.max_cost
+    origin = _origin(state)
+    macs = sum(module_macs(origin).values())
+    share = 1.1 * over * ctx.base_cost / _default_mac_cost(ctx) / max(macs, 1)
+    if not 0 < share < 0.5:
+        return None
+    keep = round(1 - share, 4)
+    return Proposal("prune_channels", {"target_macs": keep, "then": {"remedy": blocked.remedy,
+                                                                      "params": blocked.params}},
+                    f"prune {100 * (1 - keep):.1f} % of the MACs where pruning sensitivity says channels are cheap, "
+                    f"to pay for {_step_text({'remedy': blocked.remedy, 'params': blocked.params})} "
+                    f"(x{blocked.cost:.3f}) under the cap", 0.5 * blocked.expected_gain,
+                    blocked.cost)  # ordered as the remedy it pays for; the trial measures what it costs
+
+
+def _prune_apply(ctx: _Context, state: _State, p: Proposal) -> _State:
+    from .passes.prune import prune_channels, pruning_sensitivity
+
+    origin = _origin(state)
+    memo = ctx.memo("prune_channels")
+    key = json.dumps([s for s in state.steps if s["remedy"] in _STRUCTURAL], sort_keys=True)
+    if key not in memo:  # where channels are cheap: measured once per float model
+        memo[key] = pruning_sensitivity(origin, ctx.calib, progress=False)
+    graph = prune_channels(origin, amount=None, target_macs=p.params["target_macs"], calib_data=ctx.calib,
+                           allocation="sensitivity", sensitivity=memo[key], progress=False).graph
+    step = {"remedy": "prune_channels", "params": {"target_macs": p.params["target_macs"]}}
+    new = _rebuilt(ctx, state, step, graph)
+    then = p.params.get("then")
+    if then is None:
+        return new
+    return REMEDIES[then["remedy"]].apply(ctx, new, Proposal(then["remedy"], then["params"], "paid by pruning", 0.0))
+
+
+register_remedy(Remedy("prune_channels", ("cost over the cap",), False, "calibration images (pruning "
+                       "sensitivity, bias compensation)", False,
+                       "with a cost cap (Budget.max_cost), prune the cheapest channels to pay for a remedy the cap "
+                       "refuses", lambda _ctx, _state: [], _prune_apply, free=False))
 
 
 # ---------------------------------------------------------------------- the result
@@ -916,7 +1070,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     sel_ref = _outputs(graph, sel_x, batch_size)
     rep_ref = _outputs(graph, rep_x, batch_size)
     config0 = target.config()
-    state = _State(graph, config0, [])
+    state = _State(graph, config0, [], origin=graph)
     sim0, plan0 = quantize(graph, calib, config0, progress=False)
     base_cost = plan_cost(graph, plan0, target).total
     ctx = _Context(target, calib, sel_x, sel_y, sel_ref, budget, base_cost, seed, progress, batch_size,
@@ -970,15 +1124,20 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
             t = time.perf_counter()
             rec = cache.get(key)
             new_sim = None
+            failed = None
             if remote is not None:
                 new_state, after = remote[k]
+                if new_state is None:  # the remedy could not be applied there: ``after`` says why
+                    failed, after = after, current
             else:
-                new_state = REMEDIES[p.remedy].apply(ctx, state, p)
-                if rec is not None:
+                new_state, failed = _applied(ctx, state, REMEDIES[p.remedy], p)
+                if failed is not None:
+                    after = current
+                elif rec is not None:
                     after = _Measure(**rec["measure"])
                 else:
                     after, new_sim = _measure(ctx, new_state)
-            accepted, reason = _judge(current, after, budget, min_gain)
+            accepted, reason = (False, failed) if failed is not None else _judge(current, after, budget, min_gain)
             trial = Trial({"remedy": p.remedy, "params": p.params, "why": p.why}, current.metric, after.metric,
                           current.kl, after.kl, after.cost, accepted, reason,
                           each if remote is not None else time.perf_counter() - t, rec is not None)
@@ -1063,7 +1222,11 @@ def _next_proposal(ctx: _Context, state: _State, names: list[str], tried: set[st
             continue  # costed remedies wait until the free ones are spent
         proposals += [p for p in remedy.propose(ctx, state) if p.key not in tried]
     if budget.max_cost is not None:
+        over = [p for p in proposals if current.cost + p.cost > budget.max_cost]
         proposals = [p for p in proposals if current.cost + p.cost <= budget.max_cost]
+        if "prune_channels" in names:  # the cap refused these: pruning may pay for them
+            paid = (_pay_with_pruning(ctx, state, p, current, budget) for p in over)
+            proposals += [p for p in paid if p is not None and p.key not in tried]
     if not proposals:
         return None
     return max(proposals, key=lambda q: (q.expected_gain / max(q.cost, 1e-3) if q.cost > 0 else math.inf,
@@ -1074,13 +1237,24 @@ def _trial_setup(ctx: _Context) -> _Context:
     return ctx
 
 
-def _trial_work(ctx: _Context, payload: tuple) -> tuple[_State, _Measure]:
+def _trial_work(ctx: _Context, payload: tuple) -> tuple[_State | None, _Measure | str]:
     """One trial on a worker: the remedy applied to the shipped state, measured on the selection images (the
-    executor packs the states' graphs on the way)."""
+    executor packs the states' graphs on the way); (None, why) when it cannot be applied."""
     state, remedy, proposal = payload
-    new_state = remedy.apply(ctx, state, proposal)
+    new_state, failed = _applied(ctx, state, remedy, proposal)
+    if failed is not None:
+        return None, failed
     after, _sim = _measure(ctx, new_state)
     return new_state, after
+
+
+def _applied(ctx: _Context, state: _State, remedy: Remedy, p: Proposal) -> tuple[_State | None, str | None]:
+    """The proposal applied, or None and why it cannot be on this model (a unit too large for the calibration
+    images to fit, say): such a trial is recorded as not kept, and the search goes on."""
+    try:
+        return remedy.apply(ctx, state, p), None
+    except (CalibrationError, ConfigError) as e:
+        return None, f"could not be applied: {e}"
 
 
 def _trial_key(state: _State, p: Proposal) -> str:

@@ -23,6 +23,8 @@ from qsurgery.models import efficientnet_lite0
 TARGET = "per-tensor-int8"            # the device: see qsurgery.TARGETS, or qsurgery.Target(...) for your own
 BUDGET = 1.0                          # points of top-1 (or of agreement with float, without labels)
 REMEDIES = ["equalize", "bias_correction", "observer", "learned_rounding", "precision"]  # what may be used
+# also: "dw_to_dense" (a dense conv in place of a depthwise-separable unit; each trial refits the steps above,
+# minutes), "prune_channels" (with qsurgery.Budget(..., max_cost=1.0): pays for what the cap refuses)
 
 
 def main() -> int:

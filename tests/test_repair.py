@@ -393,3 +393,102 @@ def test_precision_ranks_layers_on_float_weights_after_fitted_steps(net, monkeyp
     assert r.steps[0]["remedy"] == "bias_correction" and seen
     graph, reference = seen[-1]
     assert reference is not None and graph is reference
+
+
+def test_a_dense_conv_tried_after_fitted_steps_replays_them_on_the_new_model(net, monkeypatch):
+    """dw_to_dense after bias correction: the dense conv goes into the float model and bias correction is done
+    again on it, so the trial is the model bias_correction(dw_to_dense(model)) built by hand; priced before."""
+    import sys
+
+    from qsurgery.passes import bias_correction, dw_to_dense
+
+    engine = sys.modules["qsurgery.repair"]
+    m, calib, x, y = net
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8",
+               remedies=["bias_correction", "dw_to_dense"], max_trials=2, progress=False)
+    assert [s["remedy"] for s in r.steps] == ["dw_to_dense", "bias_correction"]
+    dense = r.trials[1]
+    assert dense.proposal["remedy"] == "dw_to_dense" and dense.cost > 1.0  # more MACs than the separable pair
+    assert not any(getattr(mod, "groups", 1) > 1 for mod in r.graph.modules())
+    graph = qsurgery.capture(m, calib[0][:1])
+    config = qsurgery.get_target("per-tensor-int8").config()
+    by_hand = bias_correction(dw_to_dense(graph, [r.steps[0]["params"]["block"]], calib_data=calib).graph, calib,
+                              config).graph
+    sim, _ = qsurgery.quantize(by_hand, calib, config, progress=False)
+    with torch.no_grad():
+        assert torch.equal(sim(x[:16]), r.sim(x[:16]))
+
+
+def test_pruning_pays_for_a_widening_the_cost_cap_refuses(net):
+    """With a cost cap, a widening over the cap is tried together with pruning that pays for it; nothing kept
+    breaks the cap."""
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1", max_cost=1.0), target="per-tensor-int16",
+               remedies=["precision", "prune_channels"], max_trials=3, progress=False)
+    paid = [t for t in r.trials if t.proposal["remedy"] == "prune_channels"]
+    assert paid and all(t.proposal["params"]["then"]["remedy"] == "precision" for t in paid)
+    assert all(0.5 < t.proposal["params"]["target_macs"] < 1 for t in paid)
+    assert all(t.cost <= 1.0 for t in paid)  # the pruning paid for the wider layer
+    assert r.relative_cost <= 1.0
+    kept = [s["remedy"] for s in r.steps]
+    assert "precision" not in kept or kept.index("prune_channels") < kept.index("precision")
+
+
+def test_a_layer_widened_in_a_rounded_block_rounds_its_block_again(monkeypatch):
+    """On w4a8 learned rounding fits each block as one; widening one of its layers to int8 rounds the block's
+    other layers again with it (they had made up for its 4-bit grid), and leaves the other blocks alone."""
+    import functools
+    import sys
+
+    from test_techniques import _BlockNet
+
+    from qsurgery.graph import WEIGHT_SCALES
+
+    engine = sys.modules["qsurgery.repair"]
+    torch.manual_seed(0)
+    m = _BlockNet().eval()
+    calib, x = [images(16), images(16)], images(64)
+    with torch.no_grad():
+        y = m(x).argmax(1)
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    monkeypatch.setattr(engine, "_ranking", lambda ctx, state: {"blocks.0.dw": 1.0})
+    rounding = sys.modules["qsurgery.passes.learned_rounding"]
+    monkeypatch.setattr(rounding, "learned_rounding", functools.partial(rounding.learned_rounding, iters=30))
+    kwargs = dict(budget=Budget(0.0, "top1"), target="w4a8", remedies=["learned_rounding", "precision"],
+                  progress=False)
+    rounded = repair(m, calib, (x, y), max_trials=1, **kwargs)
+    widened = repair(m, calib, (x, y), max_trials=2, **kwargs)
+    assert rounded.steps == [{"remedy": "learned_rounding", "params": {"blocks": True}}]
+    assert widened.steps[1] == {"remedy": "precision", "params": {"layer": "blocks.0.dw", "format": "int8"}}
+    pins = widened.graph.meta[WEIGHT_SCALES]
+    assert pins["blocks.0.dw"][0]["bits"] == 8 and pins["blocks.0.pw"][0]["bits"] == 4
+
+    def weight(r, name):
+        return r.graph.get_submodule(name).weight
+
+    assert not torch.equal(weight(rounded, "blocks.0.pw"), weight(widened, "blocks.0.pw")) or \
+        not torch.equal(weight(rounded, "blocks.0.pwl"), weight(widened, "blocks.0.pwl"))
+    for name in ("blocks.1.pw", "blocks.1.dw", "blocks.1.pwl"):
+        assert torch.equal(weight(rounded, name), weight(widened, name))
+
+
+def test_a_remedy_that_cannot_apply_to_this_model_is_a_rejected_trial_not_a_crash(net, monkeypatch):
+    """A proposal whose pass refuses the model (a unit too large for the calibration images, say) is recorded
+    as not kept, with the pass's reason, and the search goes on."""
+    from qsurgery.errors import CalibrationError
+    from qsurgery.repair import REMEDIES, Proposal, Remedy
+
+    def refuse(ctx, state, p):
+        raise CalibrationError("3136 calibration positions cannot determine 10369 unknowns")
+
+    remedy = Remedy("refuses", ("test",), False, "nothing", False, "always refuses",
+                    lambda ctx, state: [Proposal("refuses", {}, "test", 10.0)], refuse)
+    monkeypatch.setitem(REMEDIES, "refuses", remedy)
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8",
+               remedies=["refuses", "equalize"], max_trials=3, progress=False)
+    first = r.trials[0]
+    assert first.proposal["remedy"] == "refuses" and not first.accepted
+    assert first.reason.startswith("could not be applied: 3136 calibration positions")
+    assert any(t.proposal["remedy"] == "equalize" for t in r.trials[1:])

@@ -187,6 +187,85 @@ def test_learned_rounding_measures_the_error_after_the_clip_that_follows():
     assert all(c["error_before"] > 0.0 for c in r.changes)  # measured before the clip, every error counts
 
 
+class _Bottleneck(nn.Module):
+    """expand 1x1 -> ReLU6 -> depthwise 3x3 -> ReLU6 -> project 1x1, plus the input: one block to round."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.pw, self.a1 = nn.Conv2d(c, 4 * c, 1), nn.ReLU6()
+        self.dw, self.a2 = nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c), nn.ReLU6()
+        self.pwl = nn.Conv2d(4 * c, c, 1)
+
+    def forward(self, x):
+        return x + self.pwl(self.a2(self.dw(self.a1(self.pw(x)))))
+
+
+class _BlockNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6()
+        self.blocks = nn.Sequential(_Bottleneck(8), _Bottleneck(8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(self.blocks(self.act(self.stem(x))).mean((2, 3)))
+
+
+def test_learned_rounding_of_blocks_fits_each_block_as_one_and_keeps_its_integers():
+    """``blocks=True``: the three layers of each bottleneck are fitted together to the block's output (one error
+    per block, lower than nearest's), the stem and classifier alone; the simulation holds the chosen integers."""
+    torch.manual_seed(0)
+    calib = [images(16), images(16)]
+    graph = qsurgery.capture(_BlockNet().eval(), calib[0][:1])
+    config, test = _w4(), images(64)
+    r = learned_rounding(graph, calib, config, iters=40, blocks=True, block_images=8, progress=False)
+    _, plan = qsurgery.quantize(r.graph, calib, config, progress=False)
+    by_module = {plan[c["layer"]].module: c for c in r.changes}
+    for b in ("blocks.0", "blocks.1"):
+        fitted = [by_module[f"{b}.{m}"] for m in ("pw", "dw", "pwl")]
+        assert {c["block"] for c in fitted} == {b} and len({c["error_after"] for c in fitted}) == 1
+        assert fitted[0]["error_after"] < fitted[0]["error_before"]
+    assert "block" not in by_module["stem"] and "block" not in by_module["fc"]
+    assert _err(graph, r.graph, calib, test, config) < _err(graph, graph, calib, test, config)
+    sim, plan = qsurgery.quantize(r.graph, calib, config, progress=False)
+    for change in r.changes:
+        name = change["layer"]
+        assert torch.equal(sim.weights(name)[1], r.graph.get_submodule(plan[name].module).weight), name
+    again = learned_rounding(graph, calib, config, iters=40, blocks=True, block_images=8, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(r.graph.state_dict().values(), again.graph.state_dict().values()))
+    with pytest.raises(ConfigError, match="block_images"):
+        learned_rounding(graph, calib, config, blocks=True, block_images=0, progress=False)
+
+
+class _Fork(nn.Module):
+    """A module with two convs whose outputs leave it separately: no one block output to match."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return self.a(x), self.b(x)
+
+
+class _ForkNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fork = _Fork()
+
+    def forward(self, x):
+        a, b = self.fork(x)
+        return a * b
+
+
+def test_learned_rounding_of_blocks_says_which_modules_it_rounds_layer_by_layer():
+    calib = [images(8)]
+    graph = qsurgery.capture(_ForkNet().eval(), calib[0][:1])
+    r = learned_rounding(graph, calib, _w4(), iters=5, blocks=True, progress=False)
+    assert any("not as a block: fork: its nodes give 2 outputs" in n for n in r.notes)
+    assert len(r.changes) == 2 and not any("block" in c for c in r.changes)
+
+
 def test_learned_rounding_is_deterministic_and_serves_every_weight_grid():
     _, graph, calib, _ = _setup()
     a = learned_rounding(graph, calib, _w4(), iters=40, seed=3, progress=False)

@@ -8,6 +8,11 @@ output, after the clipping activation that follows it if any, matches the float 
 Then the weights are put on their grid (``scale x integer``) in the graph and the scale is pinned in the graph
 (``WEIGHT_SCALES``), so the simulation, the integer twin and the QDQ export hold exactly the integers chosen here.
 
+With ``blocks=True`` the weighted layers of one module (an inverted residual's expand, depthwise and project convs)
+are rounded together (Li et al. 2021, BRECQ): the block runs on whole calibration images with the soft-rounded
+weights and its activation grids, from the inputs the quantized blocks before it produced, and its output is
+matched to the float model's, so one layer's rounding can make up for another's.
+
 Works for conv (any groups, 2-d) and linear layers, per-channel or per-tensor, free or power-of-two scales,
 2..8-bit symmetric weights. Other layers keep round-to-nearest, and the result says which and why.
 """
@@ -15,18 +20,20 @@ Works for conv (any groups, 2-d) and linear layers, per-channel or per-tensor, f
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..graph import WEIGHT_SCALES, ChannelClip, clip_bounds
 from ..quant.config import QuantConfig
-from ..quant.simulate import graph_inputs, quantize
+from ..quant.simulate import ActQuantizer, graph_inputs, quantize
 from .common import PassResult, folded_copy, graph_cost
 
 __all__ = ["learned_rounding"]
@@ -100,7 +107,7 @@ def _why_not(module: nn.Module, fmt) -> str | None:
 
 def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig | None = None, *,
                      iters: int = 300, samples: int = 2048, pool: int = 8, through_clip: bool = True,
-                     reg: float = 0.01, lr: float = 1e-2,
+                     blocks: bool = False, block_images: int = 8, reg: float = 0.01, lr: float = 1e-2,
                      layers: list[str] | None = None, reference: fx.GraphModule | None = None, seed: int = 0,
                      progress: bool = True) -> PassResult:
     """A BN-folded copy of ``graph`` whose weights are put on ``config``'s grid by learned rounding.
@@ -110,14 +117,19 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
     most) the steps take turns on, so the fit sees many positions at the cost of one step's (1: every step fits
     the same positions). ``through_clip``: where a ReLU / ReLU6 / hardtanh alone reads the layer's output, the
     error is measured after it (errors the clip removes do not count; Nagel et al.'s asymmetric reconstruction);
-    ``layers``: unit names to round (default: every weighted layer whose format allows it).
+    ``blocks``: the layers of one block (the weighted layers of one module, e.g. an inverted residual: expand,
+    depthwise, project) are rounded together, to match the block's output (Li et al.'s BRECQ), so a layer's
+    rounding can make up for the errors of the others in its block and of the activation grids inside it; each
+    step runs the block on ``block_images`` whole calibration images. Layers outside such blocks are rounded
+    alone. ``layers``: unit names to round (default: every weighted layer whose format allows it).
     ``reference``: the float model whose layer outputs the fit matches (default ``graph``); give the graph
     before an approximate change such as bias correction, whose biases are meant for rounded weights, not
     float ones (its layers must carry the same names). Layers with fewer sampled positions than weights
     per output channel keep round-to-nearest (the fit would be under-determined): the notes say which.
     ``float_error``: the rounded layers' output error on their samples, after / before (a ratio)."""
-    if iters < 1 or samples < 1 or pool < 1:
-        raise ConfigError(f"iters, samples and pool must be >= 1, got {iters}, {samples}, {pool}")
+    if iters < 1 or samples < 1 or pool < 1 or block_images < 1:
+        raise ConfigError(f"iters, samples, pool and block_images must be >= 1, got {iters}, {samples}, {pool}, "
+                          f"{block_images}")
     config = config or QuantConfig.int8()
     gm = folded_copy(graph)
     batches = list(graph_inputs(gm, calib_data, what="learned-rounding"))
@@ -147,8 +159,13 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
         missing = [layer.module for layer in todo if layer.module not in dict(ref.named_modules())]
         if missing:
             raise ConfigError(f"learned_rounding: the reference has no layer(s) {missing[:5]}")
-    targets = _float_targets(ref, todo, inputs, samples, pool, gen)
-    clips = _clips_after(gm, todo) if through_clip else {}
+    not_blocks: dict[str, str] = {}
+    groups = _blocks(sim.graph_module, todo, ref, not_blocks) if blocks else []
+    in_block = {layer.name for blk in groups for layer in blk.layers}
+    alone = [layer for layer in todo if layer.name not in in_block]
+    targets = _float_targets(ref, alone, inputs, samples, pool, gen)
+    block_targets = _node_values(ref, [blk.target for blk in groups], inputs)
+    clips = _clips_after(gm, alone) if through_clip else {}
     # one quantized pass: each layer is rounded just before it runs, on the inputs the rounded layers before
     # it produced, so the layers after it see its rounded outputs
     bar = tqdm(total=len(todo), desc="learned rounding", unit="layer", disable=not progress, leave=False)
@@ -186,11 +203,33 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
             return None
         return pre_hook
 
+    def fit_block(blk: _Block, xs: tuple[torch.Tensor, ...]) -> None:
+        bar.update(len(blk.layers))
+        parts = []
+        for layer in blk.layers:
+            w_float, _ = sim.weights(layer.name)
+            scale = layer.weight_scale.to(w_float)
+            s = scale.reshape([-1] + [1] * (w_float.dim() - 1)) if scale.numel() > 1 else scale.reshape(())
+            parts.append((layer, w_float, s))
+        with torch.enable_grad():
+            qs, before, after = _fit_block(blk.module, xs, block_targets.pop(blk.target), parts, iters, reg, lr,
+                                           block_images, gen)
+        for (layer, w_float, s), q in zip(parts, qs):
+            snapped = (q * s).to(w_float.dtype)
+            with torch.no_grad():
+                sim.graph_module.get_submodule(layer.module).weight.copy_(snapped)
+                gm.get_submodule(layer.module).weight.copy_(snapped)
+            pins[layer.module] = (layer.weight.to_dict(), layer.weight_scale.detach().cpu().clone())
+            nearest = torch.clamp(torch.round(w_float / s), *layer.weight.qrange)
+            result.changes.append({"layer": layer.name, "block": blk.name, "error_before": before,
+                                   "error_after": after, "flipped": float((q != nearest).float().mean())})
+        bar.set_postfix_str(f"{blk.name}: error x{after / max(before, 1e-12):.2f}")
+
     handles = [sim.graph_module.get_submodule(layer.module).register_forward_pre_hook(fit_before_run(layer))
-               for layer in todo]
+               for layer in alone]
     try:
         with torch.no_grad():
-            sim(*inputs)
+            _BlockRunner(sim.graph_module, {blk.first: blk for blk in groups}, fit_block).run(*inputs)
     finally:
         for h in handles:
             h.remove()
@@ -198,12 +237,168 @@ def learned_rounding(graph: fx.GraphModule, calib_data: Any, config: QuantConfig
     gm.meta[WEIGHT_SCALES] = pins
     result.cost_after = graph_cost(gm)
     if result.changes:
-        result.float_error = sum(c["error_after"] for c in result.changes) / max(
-            sum(c["error_before"] for c in result.changes), 1e-12)
-    result.notes.append(f"{len(result.changes)} layer(s) rounded by fitting ({iters} steps, {samples} positions "
-                        f"each, seed {seed}) for {config.describe()}; {len(skipped)} kept round-to-nearest")
+        once = {c.get("block", c["layer"]): c for c in result.changes}.values()  # a block's error counts once
+        result.float_error = sum(c["error_after"] for c in once) / max(sum(c["error_before"] for c in once), 1e-12)
+    how = f"{samples} positions each" + (f"; {len(groups)} block(s) of {block_images} images" if groups else "")
+    result.notes.append(f"{len(result.changes)} layer(s) rounded by fitting ({iters} steps, {how}, seed {seed}) "
+                        f"for {config.describe()}; {len(skipped)} kept round-to-nearest")
     result.notes += [f"  round-to-nearest: {k}: {v}" for k, v in skipped.items()]
+    result.notes += [f"  layer by layer, not as a block: {k}: {v}" for k, v in not_blocks.items()]
     return result
+
+
+@dataclass
+class _Block:
+    """Layers rounded together: ``module`` runs the block from its inputs (the values of the nodes ``inputs``
+    of the simulated graph) to its output before quantization (node ``target``, also in the float graph)."""
+
+    name: str
+    layers: list
+    first: str
+    inputs: list[str]
+    target: str
+    module: fx.GraphModule
+
+
+def _scopes(node: fx.Node) -> set[str]:
+    """Every module path whose forward created ``node`` (the innermost and all those around it)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return {v[0] if isinstance(v, tuple) else k for k, v in stack.items()}
+
+
+def _blocks(net: fx.GraphModule, todo: list, ref: fx.GraphModule, why_not: dict[str, str]) -> list[_Block]:
+    """The blocks of the simulated graph ``net``: per module holding two or more of the layers to round, the
+    nodes it created, when they give one output and that output is also in ``ref`` (else ``why_not`` says why
+    and its layers are rounded alone)."""
+    by_parent: dict[str, list] = {}
+    for layer in todo:
+        parent = layer.module.rpartition(".")[0]
+        if parent:
+            by_parent.setdefault(parent, []).append(layer)
+    ref_nodes = {n.name for n in ref.graph.nodes}
+    nodes = list(net.graph.nodes)
+    found = []
+    for parent, layers in by_parent.items():
+        if len(layers) < 2:
+            continue
+        region = [n for n in nodes if parent in _scopes(n)]
+        inside = set(region)
+        leaving = [n for n in region if any(u not in inside for u in n.users)]
+        if len(leaving) != 1:
+            why_not[parent] = f"its nodes give {len(leaving)} outputs, not one"
+            continue
+        if {layer.module for layer in layers} - {n.target for n in region if n.op == "call_module"}:
+            why_not[parent] = "its layers are not all called inside it"
+            continue
+        out = leaving[0]
+        while out.op == "call_module" and isinstance(net.get_submodule(out.target), ActQuantizer) \
+                and out.args[0] in inside:
+            out = out.args[0]  # the block's output before it is quantized: what the float graph also has
+        if out.name not in ref_nodes:
+            why_not[parent] = f"the reference has no node {out.name!r} to match its output"
+            continue
+        inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in inside))
+        g = fx.Graph()
+        env = {a: g.placeholder(a.name) for a in inputs}
+        for n in region:
+            env[n] = g.node_copy(n, lambda a, env=env: env[a])
+            if n is out:
+                break
+        g.output(env[out])
+        found.append(_Block(parent, layers, region[0].name, [a.name for a in inputs], out.name,
+                            fx.GraphModule(net, g)))
+    return found
+
+
+class _BlockRunner(fx.Interpreter):
+    """Runs the simulated graph, and at each block's first node hands the block's inputs to ``fit`` first."""
+
+    def __init__(self, net: fx.GraphModule, starts: dict[str, _Block], fit):
+        super().__init__(net)
+        self.starts, self.fit = starts, fit
+        self.by_name = {n.name: n for n in net.graph.nodes}
+
+    def run_node(self, n: fx.Node) -> Any:
+        blk = self.starts.pop(n.name, None)
+        if blk is not None:
+            self.fit(blk, tuple(self.env[self.by_name[a]].detach() for a in blk.inputs))
+        return super().run_node(n)
+
+
+def _node_values(gm: fx.GraphModule, names: list[str], inputs: tuple) -> dict[str, torch.Tensor]:
+    """The values of the nodes ``names`` of ``gm`` on ``inputs`` (one forward pass)."""
+    if not names:
+        return {}
+    wanted, values = set(names), {}
+
+    class _Grab(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n.name in wanted:
+                values[n.name] = out.detach()
+            return out
+
+    with torch.no_grad():
+        _Grab(gm).run(*inputs)
+    return values
+
+
+def _fit_block(block: fx.GraphModule, xs: tuple[torch.Tensor, ...], y: torch.Tensor, parts: list, iters: int,
+               reg: float, lr: float, images: int, gen: torch.Generator) -> tuple[list[torch.Tensor], float, float]:
+    """Integers (as floats) for each ``(layer, float weight, scale)`` of ``parts`` that make ``block`` map ``xs``
+    to ``y``; steps on ``images`` images drawn (seeded) at a time; errors before and after, on all images."""
+    fits = []
+    for layer, w, s in parts:
+        qmin, qmax = layer.weight.qrange
+        base = torch.floor(w / s)
+        frac = (w / s - base).clamp(0, 1)
+        nearest = torch.clamp(torch.round(w / s), qmin, qmax)
+        flat = w.abs().reshape(w.shape[0], -1) if s.dim() > 0 else w.abs().reshape(1, -1)
+        keep = (flat == flat.amax(1, keepdim=True)).reshape(w.shape)  # each grid's largest weight: its scale
+        p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
+        v = torch.log(p / (1 - p)).clone().requires_grad_(True)
+        fits.append((f"{layer.module}.weight", s, base, nearest, keep, (qmin, qmax), v))
+    n = len(y)
+    denom = float(y.pow(2).mean().clamp(min=1e-12))
+
+    def run(weights: dict[str, torch.Tensor], pick) -> torch.Tensor:
+        return functional_call(block, weights, tuple(x[pick] for x in xs))
+
+    def error(hard: list[torch.Tensor]) -> float:
+        weights = {f[0]: q * f[1] for f, q in zip(fits, hard)}
+        with torch.no_grad():
+            total = sum(float((run(weights, slice(i, i + images)) - y[i:i + images]).pow(2).sum())
+                        for i in range(0, n, images))
+        return total / y.numel() / denom
+
+    nearest = [f[3] for f in fits]
+    err_before = error(nearest)
+    opt = torch.optim.Adam([f[-1] for f in fits], lr=lr)
+    warm = int(0.2 * iters)
+    order = torch.randperm(n, generator=gen)
+    for step in range(iters):
+        at = (step * images) % n
+        pick = order[at:at + images] if at + images <= n else torch.randperm(n, generator=gen)[:images]
+        weights, hs = {}, []
+        for path, s, base, near, keep, (qmin, qmax), v in fits:
+            h = (torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA).clamp(0, 1)
+            hs.append(h.reshape(-1))
+            weights[path] = torch.where(keep, near, torch.clamp(base + h, qmin, qmax)) * s
+        loss = (run(weights, pick) - y[pick]).pow(2).mean() / denom
+        if step >= warm:
+            beta = 20 + (2 - 20) * (step - warm) / max(iters - warm, 1)
+            loss = loss + reg * (1 - (2 * torch.cat(hs) - 1).abs().pow(beta)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        hard = [torch.where(keep, near, torch.clamp(base + (torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA >= 0.5)
+                                                    .to(near.dtype), qmin, qmax))
+                for _path, _s, base, near, keep, (qmin, qmax), v in fits]
+    err_after = error(hard)
+    if err_after > err_before:  # the fit can end worse than nearest: keep nearest then
+        hard, err_after = nearest, err_before
+    return [q.detach() for q in hard], err_before, err_after
 
 
 def _float_targets(gm: fx.GraphModule, todo: list, inputs: tuple, samples: int, pool: int, gen: torch.Generator
