@@ -286,7 +286,7 @@ def test_learned_rounding_says_which_layers_it_cannot_fit():
     assert any("fc" in n and "too few" in n for n in r.notes)
     with pytest.raises(ConfigError, match="no quantized layer"):
         learned_rounding(graph, calib, _w4(), layers=["nope"], progress=False)
-    with pytest.raises(ConfigError, match="pool must be >= 1"):
+    with pytest.raises(ConfigError, match="pool and block_images must be >= 1"):
         learned_rounding(graph, calib, _w4(), pool=0, progress=False)
     with pytest.raises(CalibrationError):
         learned_rounding(graph, [], _w4(), progress=False)
