@@ -343,6 +343,20 @@ def _node_values(gm: fx.GraphModule, names: list[str], inputs: tuple) -> dict[st
     return values
 
 
+def _soft_start(w: torch.Tensor, s: torch.Tensor, qmin: int, qmax: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For weights ``w`` on the grid ``s``: the integer below each, the nearest one, which weights keep it (the
+    largest of each grid, so its scale is reproduced when re-quantized), and the soft rounding logits that start
+    at the weights' own fractions."""
+    base = torch.floor(w / s)
+    frac = (w / s - base).clamp(0, 1)
+    nearest = torch.clamp(torch.round(w / s), qmin, qmax)
+    flat = w.abs().reshape(w.shape[0], -1) if s.dim() > 0 else w.abs().reshape(1, -1)
+    keep = (flat == flat.amax(1, keepdim=True)).reshape(w.shape)
+    p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
+    return base, nearest, keep, torch.log(p / (1 - p)).clone().requires_grad_(True)
+
+
 def _fit_block(block: fx.GraphModule, xs: tuple[torch.Tensor, ...], y: torch.Tensor, parts: list, iters: int,
                reg: float, lr: float, images: int, gen: torch.Generator) -> tuple[list[torch.Tensor], float, float]:
     """Integers (as floats) for each ``(layer, float weight, scale)`` of ``parts`` that make ``block`` map ``xs``
@@ -350,13 +364,7 @@ def _fit_block(block: fx.GraphModule, xs: tuple[torch.Tensor, ...], y: torch.Ten
     fits = []
     for layer, w, s in parts:
         qmin, qmax = layer.weight.qrange
-        base = torch.floor(w / s)
-        frac = (w / s - base).clamp(0, 1)
-        nearest = torch.clamp(torch.round(w / s), qmin, qmax)
-        flat = w.abs().reshape(w.shape[0], -1) if s.dim() > 0 else w.abs().reshape(1, -1)
-        keep = (flat == flat.amax(1, keepdim=True)).reshape(w.shape)  # each grid's largest weight: its scale
-        p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
-        v = torch.log(p / (1 - p)).clone().requires_grad_(True)
+        base, nearest, keep, v = _soft_start(w, s, qmin, qmax)
         fits.append((f"{layer.module}.weight", s, base, nearest, keep, (qmin, qmax), v))
     n = len(y)
     denom = float(y.pow(2).mean().clamp(min=1e-12))
@@ -477,16 +485,7 @@ def _fit(module: nn.Module, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, s
         def act(t: torch.Tensor) -> torch.Tensor:
             return t
     qmin, qmax = fmt.qrange
-    base = torch.floor(w / s)
-    frac = (w / s - base).clamp(0, 1)
-    nearest = torch.clamp(torch.round(w / s), qmin, qmax)
-    # the largest weight of each grid keeps its nearest integer, so its scale is reproduced when re-quantized
-    keep = torch.zeros_like(w, dtype=torch.bool)
-    flat = w.abs().reshape(w.shape[0], -1) if s.dim() > 0 else w.abs().reshape(1, -1)
-    top = flat == flat.amax(1, keepdim=True)
-    keep = top.reshape(w.shape) if s.dim() > 0 else top.reshape(w.shape)
-    p = ((frac - _GAMMA) / (_ZETA - _GAMMA)).clamp(1e-4, 1 - 1e-4)
-    v = torch.log(p / (1 - p)).clone().requires_grad_(True)
+    base, nearest, keep, v = _soft_start(w, s, qmin, qmax)
     opt = torch.optim.Adam([v], lr=lr)
     denom = float(y.pow(2).sum(1).mean().clamp(min=1e-12))
 
