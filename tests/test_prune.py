@@ -52,7 +52,7 @@ def _check(graph, result, x):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2_050", "efficientnet_lite0", "repvgg_a0", "regnetx_002",
-                                  "densenet121", "ghostnet_050"])
+                                  "densenet121", "ghostnet_050", "cspresnet50"])
 def test_zoo_prune_30_percent(arch):
     model = timm.create_model(arch, pretrained=False).eval()
     x = torch.randn(2, 3, 32, 32)

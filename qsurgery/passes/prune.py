@@ -84,6 +84,7 @@ class ChannelGroups:
     out_maps: dict[str, list]
     expand: dict[str, int] = field(default_factory=dict)  # linear after flatten: features per channel
     unknown_ops: list[str] = field(default_factory=list)
+    split_maps: dict[str, list[list]] = field(default_factory=dict)  # split/chunk node -> each piece's channels
 
     @property
     def prunable(self) -> list[Element]:
@@ -112,6 +113,7 @@ def channel_groups(graph: fx.GraphModule, *, exclude: Sequence[str] = ()) -> Cha
     unknown: list[str] = []
     modules = dict(graph.named_modules())
     split_nodes: set[str] = set()
+    split_maps: dict[str, list[list]] = {}
     flattened: dict[str, int] = {}  # flatten node -> spatial positions per channel
 
     def block(m: list | None, why: str) -> None:
@@ -213,9 +215,14 @@ def channel_groups(graph: fx.GraphModule, *, exclude: Sequence[str] = ()) -> Cha
         if node.op in ("call_function", "call_method") and node.target in (torch.chunk, torch.split, "chunk",
                                                                          "split"):
             dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
-            if dim == 1 and first is not None:
+            metas = node.meta.get("tensor_meta")
+            rank = len(shape(node.args[0]) or ())
+            if (dim == 1 or (rank and dim == 1 - rank)) and first is not None and isinstance(metas, (list, tuple)):
                 maps[node.name] = first  # the tuple; getitem slices it below
                 split_nodes.add(node.name)
+                sizes = [tuple(t.shape)[1] for t in metas]
+                starts = [sum(sizes[:i]) for i in range(len(sizes))]
+                split_maps[node.name] = [first[a:a + n] for a, n in zip(starts, sizes)]
                 continue
         if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
                 and node.args[0].name in split_nodes and first is not None and out_shape is not None:
@@ -262,7 +269,7 @@ def channel_groups(graph: fx.GraphModule, *, exclude: Sequence[str] = ()) -> Cha
     blocked = {}
     for e, why in blocked_elems.items():
         blocked.setdefault(uf.find(e), why)
-    return ChannelGroups(dict(groups), blocked, in_maps, out_maps, expand, sorted(set(unknown)))
+    return ChannelGroups(dict(groups), blocked, in_maps, out_maps, expand, sorted(set(unknown)), split_maps)
 
 
 def _describe(node: fx.Node) -> str:
@@ -562,6 +569,12 @@ def _apply(graph: fx.GraphModule, cg: ChannelGroups, removed_elems: set[Element]
         out_keep = _kept(cg.out_maps.get(name), removed_elems)
         in_keep = _kept(cg.in_maps.get(name), removed_elems)
         set_module(new, name, _shrink(m, in_keep, out_keep, cg.expand.get(name, 1), (means or {}).get(name)))
+    for node in new.graph.nodes:  # a channel split keeps its pieces: each piece's kept channels, as sizes
+        pieces = cg.split_maps.get(node.name)
+        if pieces is not None and node.op in ("call_function", "call_method"):
+            sizes = [len(_kept(piece, removed_elems)) for piece in pieces]
+            node.op, node.target = "call_method", "split"
+            node.args, node.kwargs = (node.args[0], sizes), {"dim": 1}
     new.recompile()
     if shapes:  # MACs need them; a throw-away trial does not
         refresh_shapes(new)
