@@ -112,7 +112,6 @@ def channel_groups(graph: fx.GraphModule, *, exclude: Sequence[str] = ()) -> Cha
     blocked_elems: dict[Element, str] = {}
     unknown: list[str] = []
     modules = dict(graph.named_modules())
-    split_nodes: set[str] = set()
     split_maps: dict[str, list[list]] = {}
     flattened: dict[str, int] = {}  # flatten node -> spatial positions per channel
 
@@ -218,18 +217,14 @@ def channel_groups(graph: fx.GraphModule, *, exclude: Sequence[str] = ()) -> Cha
             metas = node.meta.get("tensor_meta")
             rank = len(shape(node.args[0]) or ())
             if (dim == 1 or (rank and dim == 1 - rank)) and first is not None and isinstance(metas, (list, tuple)):
-                maps[node.name] = first  # the tuple; getitem slices it below
-                split_nodes.add(node.name)
+                maps[node.name] = first  # the tuple; getitem takes its piece below
                 sizes = [tuple(t.shape)[1] for t in metas]
                 starts = [sum(sizes[:i]) for i in range(len(sizes))]
                 split_maps[node.name] = [first[a:a + n] for a, n in zip(starts, sizes)]
                 continue
         if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node) \
-                and node.args[0].name in split_nodes and first is not None and out_shape is not None:
-            src = node.args[0]
-            sizes = [tuple(t.shape)[1] for t in src.meta["tensor_meta"]]
-            start = sum(sizes[:node.args[1]])
-            maps[node.name] = first[start:start + sizes[node.args[1]]]
+                and node.args[0].name in split_maps and out_shape is not None:
+            maps[node.name] = split_maps[node.args[0].name][node.args[1]]
             continue
         if node.op == "call_function" and node.target is operator.getitem and first is not None \
                 and isinstance(node.args[1], tuple) and len(node.args[1]) >= 2 \
