@@ -35,11 +35,25 @@ def regimes() -> list[tuple[str, QuantConfig]]:
             ("W8 per-tensor / A8", QuantConfig.int8(per_channel=False)),
             ("pow2 per-tensor W8/A8", QuantConfig.pow2_int8()),
             ("W4 per-channel / A8 (first, last 8-bit)", w4),
-            ("W4 per-channel / A8, MSE weight scales (first, last 8-bit)", w4_mse)]
+            ("W4 per-channel / A8, MSE weight scales (first, last 8-bit)", w4_mse),
+            ("W4 per-channel / A8, MSE weight scales, depthwise convs 8-bit (first, last 8-bit)",
+             w4_mse.override("*conv_dw", weight_bits=8))]
 
 
 ROWS = ["plain", "+equalization", "+bias correction", "+both", "+learned rounding", "+all", "+distillation",
         "+all +distillation"]
+
+
+def _print_weight_share(sim, plan) -> None:
+    """How many weights each weight width holds (the memory a regime's exceptions cost)."""
+    counts: dict[int, int] = {}
+    for layer in plan:
+        w = sim.weights(layer.name)
+        if w is not None and layer.weight is not None:
+            counts[layer.weight.bits] = counts.get(layer.weight.bits, 0) + w[0].numel()
+    total = sum(counts.values())
+    print("<!-- weights: " + ", ".join(f"{100 * n / total:.2f} % at {b} bits" for b, n in sorted(counts.items()))
+          + " -->", flush=True)
 
 
 def _cached(cache: dict, key: str, make) -> tuple[torch.fx.GraphModule, float]:
@@ -57,6 +71,9 @@ def main() -> None:
     ap.add_argument("--dev", type=int, default=200, help="images of the rest kept out of the report")
     ap.add_argument("--calib-dev", action="store_true",
                     help="calibrate (and fit rounding, distil) on the dev images too; the report images stay the same")
+    ap.add_argument("--fit-on-report", action="store_true",
+                    help="an upper bound, not a result: calibrate and fit on the report images themselves (how far "
+                         "the techniques get when the images they fit are the images measured)")
     ap.add_argument("--iters", type=int, default=300, help="learned rounding steps per layer")
     ap.add_argument("--lr-pool", type=int, default=8, help="learned rounding: steps' worth of positions in its pool")
     ap.add_argument("--lr-blocks", action="store_true",
@@ -79,6 +96,9 @@ def main() -> None:
     if args.calib_dev:
         d.xc = torch.cat([d.xc, d.xe[:args.dev]])
         d.calib = [d.xc[i:i + 32].to(args.device) for i in range(0, len(d.xc), 32)]
+    if args.fit_on_report:
+        d.xc = xr.cpu()
+        d.calib = [xr[i:i + 32] for i in range(0, len(xr), 32)]
 
     def logits(m):
         with torch.no_grad():
@@ -88,7 +108,9 @@ def main() -> None:
     f_top1 = 100 * qsurgery.top1(ref, yr)
     where = f"{torch.get_num_threads()} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name()
     print(f"# EfficientNet-Lite0, {len(d.xc)} calibration / {len(xr)} report images (1 image = "
-          f"{100 / len(xr):.2f} pt); float top-1 {f_top1:.2f} %, on {where}\n")
+          f"{100 / len(xr):.2f} pt); float top-1 {f_top1:.2f} %, on {where}"
+          + ("; UPPER BOUND: calibrated and fitted on the report images themselves" if args.fit_on_report else "")
+          + "\n")
     print("| regime | techniques | top-1 | drop (pt) | agreement | KL | technique s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     chosen = [r for i, r in enumerate(regimes()) if args.regimes is None or i in args.regimes]
@@ -119,6 +141,8 @@ def main() -> None:
                                       reference=d.graph, seed=0, progress=False).graph
             secs += time.perf_counter() - t
             sim, plan = qsurgery.quantize(g, d.calib, cfg, progress=False)
+            if row == next(r for r in ROWS if not args.rows or r in args.rows):
+                _print_weight_share(sim, plan)
             bad = [layer.name for layer in plan if not (layer.weight is None or layer.weight.is_int)]
             assert not bad, f"layers left the integer format: {bad}"
             out = logits(sim)

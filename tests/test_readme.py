@@ -1,0 +1,107 @@
+"""Every Python snippet of README.md runs as written, in order, in one namespace (the README's snippets go on
+from the names the step-by-step section defines).
+
+What a user brings is made here: a labelled folder of images at ``path/to/images``, a COCO folder at
+``coco/val2017``, detector files behind ``load_detector``. The models are small so the run takes about a
+minute: EfficientNet-Lite0's architecture with a quarter of its channels and random weights, and a two-level
+YOLO-style detector. Everything else (qsurgery's functions and their defaults) is what the README calls.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _snippets() -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+
+
+def _small_lite0(pretrained: bool = True):
+    """EfficientNet-Lite0's modules and names (``blocks.0.0``, ``conv_head``, ``classifier``) at a quarter of
+    its width and a third of its depth, 10 classes, random weights."""
+    from timm.models.efficientnet import _gen_efficientnet_lite
+
+    torch.manual_seed(0)
+    return _gen_efficientnet_lite("tf_efficientnet_lite0", channel_multiplier=0.25, depth_multiplier=0.34,
+                                  num_classes=10).eval()
+
+
+def _image_folder(root: Path, n: int = 132) -> None:
+    """A flat folder of photos-like images (smooth colour fields) with labels.csv, 10 classes."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    rows = ["file,class_index"]
+    for i in range(n):
+        base = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
+        img = Image.fromarray(base).resize((96, 80), Image.Resampling.BICUBIC)
+        img.save(root / f"{i:03d}.jpg")
+        rows.append(f"{i:03d}.jpg,{i % 10}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+
+
+def _coco_folder(root: Path, n: int = 100) -> None:
+    """``root/val2017`` images with white rectangles, their boxes in ``root/annotations/instances.json``."""
+    rng = np.random.default_rng(1)
+    (root / "val2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    images, anns = [], []
+    for i in range(n):
+        w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
+        img = Image.new("RGB", (w, h))
+        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
+        bw, bh = int(rng.integers(10, w - x0)), int(rng.integers(10, h - y0))
+        ImageDraw.Draw(img).rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=(255, 255, 255))
+        img.save(root / "val2017" / f"{i:03d}.png")
+        images.append({"id": 100 + i, "file_name": f"{i:03d}.png", "width": w, "height": h})
+        anns.append({"id": i + 1, "image_id": 100 + i, "category_id": 1 + 2 * (i % 2), "bbox": [x0, y0, bw, bh],
+                     "area": bw * bh, "iscrowd": 0})
+    (root / "annotations" / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]}))
+
+
+def _small_detector(name: str, weights=None):
+    """What ``examples.detectors.load_detector`` returns, for the test's small YOLO-style detector."""
+    from test_detection import tiny_detector
+
+    return tiny_detector()
+
+
+def test_readme_lists_its_snippets():
+    snippets = _snippets()
+    assert len(snippets) >= 12, len(snippets)  # the regex finds the README's python blocks
+    assert any("qsurgery.repair(" in s for s in snippets)
+
+
+@pytest.mark.slow
+def test_every_readme_snippet_runs_as_written(tmp_path, monkeypatch):
+    import examples.detectors
+    import qsurgery.models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))  # distill_images(cache_dir="~/.cache/qsurgery")
+    monkeypatch.setattr(qsurgery.models, "efficientnet_lite0", _small_lite0)
+    monkeypatch.setattr(examples.detectors, "load_detector", _small_detector)
+    _image_folder(tmp_path / "path" / "to" / "images")
+    _coco_folder(tmp_path / "coco")
+    namespace: dict = {"__name__": "readme"}
+    try:
+        for i, code in enumerate(_snippets()):
+            try:
+                exec(compile(code, f"README.md python snippet {i + 1}", "exec"), namespace)
+            except Exception as exc:  # say which snippet, with its first line
+                raise AssertionError(f"README snippet {i + 1} ({code.splitlines()[0]!r}) failed: {exc!r}") from exc
+    finally:
+        if "executor" in namespace:
+            namespace["executor"].close()
+    # what the snippets promise they wrote
+    for name in ("repaired/graph.pt", "model_int8.onnx", "model_int8_ort.onnx", "det_int8.onnx", "sensitivity.png"):
+        assert (tmp_path / name).is_file(), name
