@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,14 @@ def _snippets() -> list[str]:
 
 def _small_lite0(pretrained: bool = True):
     """EfficientNet-Lite0's modules and names (``blocks.0.0``, ``conv_head``, ``classifier``) at a quarter of
-    its width and a third of its depth, 10 classes, random weights."""
+    its width and a third of its depth, 10 classes, random weights, 96 x 96 inputs."""
     from timm.models.efficientnet import _gen_efficientnet_lite
 
     torch.manual_seed(0)
-    return _gen_efficientnet_lite("tf_efficientnet_lite0", channel_multiplier=0.25, depth_multiplier=0.34,
-                                  num_classes=10).eval()
+    model = _gen_efficientnet_lite("tf_efficientnet_lite0", channel_multiplier=0.25, depth_multiplier=0.34,
+                                   num_classes=10).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 96, 96)}  # model_transform: 96 x 96 images
+    return model
 
 
 def _image_folder(root: Path, n: int = 132) -> None:
@@ -95,10 +98,12 @@ def test_every_readme_snippet_runs_as_written(tmp_path, monkeypatch):
     namespace: dict = {"__name__": "readme"}
     try:
         for i, code in enumerate(_snippets()):
+            start = time.perf_counter()
             try:
                 exec(compile(code, f"README.md python snippet {i + 1}", "exec"), namespace)
             except Exception as exc:  # say which snippet, with its first line
                 raise AssertionError(f"README snippet {i + 1} ({code.splitlines()[0]!r}) failed: {exc!r}") from exc
+            print(f"README snippet {i + 1}: {time.perf_counter() - start:.1f} s")
     finally:
         if "executor" in namespace:
             namespace["executor"].close()
