@@ -507,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     except QSurgeryError as exc:
         print(f"qsurgery: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: no traceback; say what is kept and how to go on
+        out = getattr(args, "out", None)
+        resumable = args.func in (_cmd_repair, _cmd_analyze) and out is not None and out.is_dir()
+        print("\nqsurgery: interrupted" + (f"; what was measured is kept in {out}/, and the same command continues "
+                                           "from it" if resumable else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

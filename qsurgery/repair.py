@@ -1053,7 +1053,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
             old = json.loads(run_file.read_text())
             diff = [k for k in args_key if old.get(k) != args_key[k]]
             if diff:
-                raise RepairError(f"{out_dir} holds a repair run with other arguments ({', '.join(diff)} differ): "
+                raise RepairError(f"{out_dir} holds a repair run with other arguments ({', '.join(diff)} differ{'s' if len(diff) == 1 else ''}): "
                                   "use another out_dir, or delete it to start over")
             if log_path.exists():
                 for line in log_path.read_text().splitlines():

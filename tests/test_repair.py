@@ -262,6 +262,26 @@ def test_cli_repair_writes_report_model_and_verified_onnx(tmp_path, capsys):
     assert "result" in out and "onnx" in out
 
 
+def test_cli_repair_interrupted_says_what_is_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
+    import importlib
+
+    from qsurgery.cli import main
+
+    engine = importlib.import_module("qsurgery.repair")  # the module (qsurgery.repair is also the function)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "repair", interrupted)
+    out = tmp_path / "out"
+    code = main(["repair", "--model", "resnet18", "--input-size", "32", "--calib", "4", "--eval", "16",
+                 "--batch-size", "8", "--quiet", "--out", str(out), "--remedy", "equalize"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert f"interrupted; what was measured is kept in {out}/, and the same command continues from it" in err
+    assert "Traceback" not in err
+
+
 def test_cli_repair_checks_arguments_first(tmp_path, capsys):
     from qsurgery.cli import main
 
