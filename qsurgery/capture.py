@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import warnings
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -240,6 +242,50 @@ def _specialise(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> None:
     gm.recompile()
 
 
+def _reparameterize(model: nn.Module) -> Counter:
+    """Collapse training-time branches into the single convs a deployed model runs, in place: every module
+    with ``fuse()`` (replaced by its result), ``reparameterize()`` or ``switch_to_deploy()`` (timm's
+    MobileOne, RepVGG, FastViT... and the same convention elsewhere). Returns the kinds collapsed, counted."""
+    done: Counter = Counter()
+
+    def walk(parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            kind = type(child).__name__
+            if callable(getattr(child, "fuse", None)):
+                setattr(parent, name, child.fuse())
+                done[kind] += 1
+            elif callable(getattr(child, "reparameterize", None)):
+                child.reparameterize()
+                done[kind] += 1
+            elif callable(getattr(child, "switch_to_deploy", None)):
+                child.switch_to_deploy()
+                done[kind] += 1
+            walk(getattr(parent, name))
+
+    walk(model)
+    return done
+
+
+def _bind_defaults(gm: fx.GraphModule, given: int) -> None:
+    """Inputs the example did not give become their default constants, in place.
+
+    A forward such as timm's ``(x, attn_mask=None, is_causal=False)`` traces those keywords as inputs; left so,
+    the ONNX exporter turns ``is_causal`` into a tensor. The graph is specialised to the example: it takes what
+    the example gave.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in placeholders[given:]:
+        if not node.args or str(node.target).startswith("*"):
+            continue  # no default (or *args / **kwargs): keep it an input
+        default = node.args[0]
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a, _n=node, _d=default: _d if a is _n else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a, _n=node, _d=default: _d if a is _n else a)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+
+
 def _drop_identities(gm: fx.GraphModule) -> None:
     """Remove ``nn.Identity`` and (eval-mode) dropout calls: the graph is an inference graph."""
     for node in list(gm.graph.nodes):
@@ -273,12 +319,16 @@ def _max_rel_diff(a: Any, b: Any) -> float:
 
 
 def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
-            leaf_modules: Iterable[str | type] = (), check: bool = True, rtol: float = 1e-4) -> fx.GraphModule:
+            leaf_modules: Iterable[str | type] = (), check: bool = True, rtol: float = 1e-4,
+            reparameterize: bool = True) -> fx.GraphModule:
     """Trace ``model`` (a deep copy, in eval mode) into an FX graph specialised to ``example_inputs``' shape.
 
     ``leaf_modules`` lists module paths or classes to keep opaque (they run as they are, in float).
     With ``check`` the graph's output is compared with the model's on the example input (relative
-    tolerance ``rtol``). The user's model is never modified.
+    tolerance ``rtol``). ``reparameterize``: multi-branch training blocks (MobileOne, RepVGG: modules with
+    ``reparameterize()``, ``fuse()`` or ``switch_to_deploy()``) are collapsed first into the single convs a
+    deployed model runs, with a warning that says so; quantizing the branches apart is what makes RepVGG lose
+    tens of points in int8. The user's model is never modified.
     """
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() takes an nn.Module, got {type(model).__name__}")
@@ -296,6 +346,12 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
                 + _expected_input_hint(work)
             ) from exc
 
+    collapsed = _reparameterize(work) if reparameterize else Counter()
+    if collapsed:
+        kinds = ", ".join(f"{n} {k}" for k, n in collapsed.most_common())
+        warnings.warn(f"capture: collapsed {sum(collapsed.values())} multi-branch block(s) ({kinds}) into the single "
+                      "convs a deployed model runs, before quantization; capture(..., reparameterize=False) keeps "
+                      "the training-time branches", stacklevel=2)
     tracer = _Tracer(leaf_types, leaf_names)
     try:
         graph = tracer.trace(work)
@@ -315,6 +371,7 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         ) from exc
 
     gm = fx.GraphModule(work, graph, class_name=f"Captured{type(work).__name__}")
+    _bind_defaults(gm, len(example))
     _specialise(gm, example)
     _drop_identities(gm)
     gm.delete_all_unused_submodules()
@@ -322,6 +379,7 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     ShapeProp(gm).propagate(*example)
     gm.meta["qsurgery_input_shapes"] = [tuple(t.shape) for t in example]
     gm.meta["qsurgery_source"] = type(model).__name__
+    gm.meta["qsurgery_reparameterized"] = dict(collapsed)
 
     if check:
         with torch.no_grad():

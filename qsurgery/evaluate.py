@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from .errors import ConfigError, DataError
 from .graph import device_of
 
-__all__ = ["predict", "top1", "agreement", "kl_divergence", "distance", "score", "take"]
+__all__ = ["predict", "top1", "agreement", "kl_divergence", "kl_per_image", "distance", "score", "take"]
 
 
 @torch.no_grad()
@@ -60,11 +60,16 @@ def agreement(reference: torch.Tensor, other: torch.Tensor) -> float:
     return (reference.argmax(1) == other.argmax(1)).float().mean().item()
 
 
-def kl_divergence(reference: torch.Tensor, out: torch.Tensor) -> float:
-    """Mean over samples of KL(softmax(reference) || softmax(out)) for ``(N, classes)`` logits."""
+def kl_per_image(reference: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(reference) || softmax(out)) of each row of ``(N, classes)`` logits: ``(N,)``."""
     p = torch.log_softmax(reference.float(), 1)
     q = torch.log_softmax(out.float(), 1)
-    return float((p.exp() * (p - q)).sum(1).mean())
+    return (p.exp() * (p - q)).sum(1)
+
+
+def kl_divergence(reference: torch.Tensor, out: torch.Tensor) -> float:
+    """Mean over samples of KL(softmax(reference) || softmax(out)) for ``(N, classes)`` logits."""
+    return float(kl_per_image(reference, out).mean())
 
 
 def take(outputs: Any, index: Any) -> Any:

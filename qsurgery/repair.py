@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from .capture import capture
 from .cost import PlanCost, plan_cost
 from .errors import CalibrationError, ConfigError, DataError, QSurgeryError
-from .evaluate import distance, predict, score, take
+from .evaluate import distance, kl_per_image, predict, score, take
 from .graph import module_macs
 from .quant.config import QuantConfig
 from .quant.plan import QuantPlan
@@ -233,6 +233,7 @@ class _Measure:
     cost: float
     drop_se: float = 0.0  # standard error of the paired drop against float, in points (0: not per image)
     plan_cost: PlanCost | None = None
+    kl_each: list[float] | None = None  # class scores: each selection image's KL from float (its mean is ``kl``)
 
 
 def _build(ctx: _Context, state: _State) -> tuple[SimulatedModel, QuantPlan]:
@@ -245,8 +246,12 @@ def _measure(ctx: _Context, state: _State, sim: SimulatedModel | None = None) ->
     ctx.target.check(plan)
     out = _outputs(sim, ctx.sel_x, ctx.batch_size, state.merge)
     pc = plan_cost(state.graph, plan, ctx.target)
+    each = None
+    if not callable(getattr(ctx.budget.metric, "distance", None)) and isinstance(out, torch.Tensor) \
+            and out.dim() == 2:
+        each = kl_per_image(ctx.sel_ref, out).tolist()
     return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _distance(ctx.sel_ref, out, ctx.budget),
-                    _agreement(ctx.sel_ref, out), pc.total / ctx.base_cost, _drop_se(ctx, out), pc), sim
+                    _agreement(ctx.sel_ref, out), pc.total / ctx.base_cost, _drop_se(ctx, out), pc, each), sim
 
 
 def _agreement(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -969,8 +974,9 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     them (seeded) decide, the rest report; with ``report_data`` (a fixed test set) all of ``eval_data``
     decides and ``report_data`` reports. ``remedies``: names from :data:`REMEDIES` (default: every one
     the target allows, except those registered ``default=False``: ``distillation``, minutes per trial). A
-    trial is kept when it lowers the selection KL by at least ``min_gain`` (relative); on a callable metric
-    (mAP) when the metric rises, or stays while the distance from float falls by ``min_gain``.
+    trial is kept when it lowers the selection KL by at least ``min_gain`` (relative) and, if it costs, by
+    more than the budget's ``z`` standard errors of its per-image falls; on a callable metric (mAP) when the
+    metric rises, or stays while the distance from float falls by ``min_gain``.
     ``out_dir``: where trials are kept for resuming (and the result saved). ``executor``: where the layer
     ranking's runs go (None: this process; ``"ray"``, a Ray address or a :mod:`qsurgery.executor` executor:
     Ray workers; the same result)."""
@@ -1053,7 +1059,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
             old = json.loads(run_file.read_text())
             diff = [k for k in args_key if old.get(k) != args_key[k]]
             if diff:
-                raise RepairError(f"{out_dir} holds a repair run with other arguments ({', '.join(diff)} differ{'s' if len(diff) == 1 else ''}): "
+                verb = "differs" if len(diff) == 1 else "differ"
+                raise RepairError(f"{out_dir} holds a repair run with other arguments ({', '.join(diff)} {verb}): "
                                   "use another out_dir, or delete it to start over")
             if log_path.exists():
                 for line in log_path.read_text().splitlines():
@@ -1192,7 +1199,9 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
 
 def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) -> tuple[bool, str]:
     """Whether a trial is kept, and why. Class scores: the KL from float must fall by ``min_gain`` (top-1 on
-    a few hundred images moves in coarse steps). A callable metric (mAP on a few dozen images) is as coarse:
+    a few hundred images moves in coarse steps), and where the change costs, its per-image falls must average
+    more than ``budget.z`` standard errors (a fall within the images' noise does not pay for anything). A
+    callable metric (mAP on a few dozen images) is as coarse:
     the distance from float decides the same way, and the metric only vetoes a change that makes it worse by
     two standard errors of the drop (random halves of the images); a change that raises the metric by two
     is kept even where the distance rises (saturated low score logits)."""
@@ -1207,8 +1216,18 @@ def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) 
                                     "two)")
         return ok, (f"{budget.metric_name} {current.metric:.2f} -> {after.metric:.2f}, distance {current.kl:.4g} -> "
                     f"{after.kl:.4g}" + why)
-    return fell, (f"KL {current.kl:.4g} -> {after.kl:.4g}" + (" (kept)" if fell else
-                                                              f" (needs a {100 * min_gain:.0f} % fall)"))
+    why = f"KL {current.kl:.4g} -> {after.kl:.4g}"
+    if not fell:
+        return False, why + f" (needs a {100 * min_gain:.0f} % fall)"
+    if after.cost > current.cost and current.kl_each and after.kl_each and len(after.kl_each) > 1 and budget.z > 0:
+        # a change that costs must pay with a fall the selection images resolve: the paired per-image falls'
+        # mean beyond z standard errors (the budget's confidence), not one image's luck
+        d = torch.tensor(current.kl_each, dtype=torch.float64) - torch.tensor(after.kl_each, dtype=torch.float64)
+        se = float(d.std() / len(d) ** 0.5)
+        if float(d.mean()) <= budget.z * se:
+            return False, why + (f" (fall {float(d.mean()):.3g} within {budget.z:.2f} standard errors, {se:.3g}, "
+                                 "of the selection images: not worth its cost)")
+    return True, why + " (kept)"
 
 
 def _next_proposal(ctx: _Context, state: _State, names: list[str], tried: set[str], current: _Measure,

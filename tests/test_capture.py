@@ -1,9 +1,12 @@
 import copy
+import tempfile
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from zoo import ZOO, build
+from zoo import SIZE, ZOO, build
 
 import qsurgery
 from qsurgery import CaptureError, capture
@@ -22,9 +25,12 @@ def _same_state(a, b):
 def test_zoo_capture_is_equivalent_and_quantizes(source, name):
     model = build(source, name)
     before = _state(model)
-    x = torch.randn(2, 3, 64, 64)
-    graph = capture(model, x)
-    other = torch.randn(2, 3, 64, 64)  # a different input of the captured shape
+    side = SIZE.get(name, 64)
+    x = torch.randn(2, 3, side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # re-parameterization notices: their own test
+        graph = capture(model, x)
+    other = torch.randn(2, 3, side, side)  # a different input of the captured shape
     with torch.no_grad():
         ref, got = model(other), graph(other)
     assert torch.allclose(ref, got, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
@@ -32,7 +38,9 @@ def test_zoo_capture_is_equivalent_and_quantizes(source, name):
     modules = dict(model.named_modules())
     for node in graph.graph.nodes:
         if node.op == "call_module" and isinstance(graph.get_submodule(node.target), (nn.Conv2d, nn.Linear)):
-            assert node.target in modules
+            if node.target not in modules:  # a conv a collapsed multi-branch block made, under that block's name
+                assert graph.meta["qsurgery_reparameterized"] and node.target.rpartition(".")[0] in modules
+                continue
             assert torch.equal(graph.get_submodule(node.target).weight, modules[node.target].weight)
     # the simulation runs on every architecture; at 16 bits it must be close to float
     cfg = qsurgery.QuantConfig.int8().override("*", bits=16)
@@ -45,6 +53,55 @@ def test_zoo_capture_is_equivalent_and_quantizes(source, name):
     with torch.no_grad():
         assert torch.isfinite(sim8(other)).all()
     assert _same_state(before, model.state_dict())
+    # ... and its QDQ file computes the simulated arithmetic in onnxruntime
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the ONNX exporter's own notices
+        report = qsurgery.export_onnx(sim8, Path(tmp) / "m.onnx", x[:1], verify_inputs=[other])
+    assert report.matches_simulation, report.summary()
+
+
+def test_multi_branch_blocks_are_collapsed_before_capture_and_it_says_so():
+    import timm
+
+    model = timm.create_model("mobileone_s0", pretrained=False).eval()
+    before = _state(model)
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.warns(UserWarning, match=r"collapsed \d+ multi-branch block\(s\) \(\d+ MobileOneBlock"):
+        graph = capture(model, x)  # the check inside compares with the unchanged model: equivalent
+    branches = capture(model, x, reparameterize=False)
+    convs = [sum(isinstance(m, nn.Conv2d) for m in g.modules()) for g in (graph, branches)]
+    assert convs[0] < convs[1] / 2
+    assert graph.meta["qsurgery_reparameterized"]["MobileOneBlock"] > 0
+    assert branches.meta["qsurgery_reparameterized"] == {}
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.allclose(graph(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert _same_state(before, model.state_dict())
+
+
+def test_keywords_left_at_their_defaults_become_constants():
+    """A forward such as timm's ``(x, attn_mask=None, is_causal=False)`` takes only the input the example gave,
+    so the export does not turn ``is_causal`` into a tensor."""
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+
+        def forward(self, x, attn_mask=None, is_causal: bool = False):
+            q, k, v = self.qkv(x).chunk(3, -1)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                                                    is_causal=is_causal)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    graph = capture(Attn().eval(), x)
+    assert [n.name for n in graph.graph.nodes if n.op == "placeholder"] == ["x"]
+    sim, _ = qsurgery.quantize(graph, [x], progress=False)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = qsurgery.export_onnx(sim, Path(tmp) / "a.onnx", x)
+    assert report.matches_simulation, report.summary()
 
 
 def test_tf_same_padding_becomes_static_pad_and_plain_conv():
