@@ -104,6 +104,32 @@ class Spread(nn.Module):
         return self.head(self.conv(x)).mean((2, 3))
 
 
+class HeadSpread(nn.Module):
+    """The channels of the model's output differ 200x: a head, where split_head applies."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 4, 1)
+        with torch.no_grad():
+            self.head.weight[0] *= 200.0
+
+    def forward(self, x):
+        return self.head(x).mean((2, 3))
+
+
+def test_split_head_is_named_only_for_a_layer_whose_output_is_the_models():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    six = QuantConfig.int8().override("*", act_bits=6)  # coarse enough that the spread costs SQNR
+    graph = qsurgery.capture(HeadSpread().eval(), x)
+    report = compare_layers(graph, qsurgery.quantize(graph, x, six, progress=False)[0], x)
+    assert any("channel ranges differ" in d and "split_head" in d for d in report["head"].diagnosis)
+    inner = qsurgery.capture(Spread().eval(), x)  # the same spread one layer before the output
+    report = compare_layers(inner, qsurgery.quantize(inner, x, six, progress=False)[0], x)
+    spread = [d for d in report["conv"].diagnosis if "channel ranges differ" in d]
+    assert spread and "split_head" not in spread[0]
+
+
 def test_compare_layers_diagnoses_spread_clipping_and_rounding(tmp_path):
     torch.manual_seed(0)
     model = Spread().eval()
@@ -113,6 +139,7 @@ def test_compare_layers_diagnoses_spread_clipping_and_rounding(tmp_path):
     report = compare_layers(graph, sim, x)
     assert [r.layer for r in report.rows] == plan.names()
     assert any("channel ranges differ" in d for d in report["conv"].diagnosis)
+    assert not any("split_head" in d for d in report["conv"].diagnosis)  # an inner layer: not a head's fix
     assert report.rows[0].sqnr_db > report["head"].sqnr_db - 100
     wide = compare_layers(graph, sim, x * 5)  # inputs far outside what calibration saw
     assert any("calibration does not cover" in d for d in wide["input"].diagnosis)

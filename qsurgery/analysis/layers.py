@@ -145,6 +145,26 @@ def _channel_spread(x: torch.Tensor) -> float | None:
     return float(ranges.max().item() / median)
 
 
+def _output_units(simulated: SimulatedModel) -> set[str]:
+    """The quantized units whose output is a model output (through reshapes, concats and quantizers only): the
+    heads, where channels of different meaning share one scale and ``split_head`` applies."""
+    from ..quant.simulate import ActQuantizer
+
+    gm = simulated.graph_module
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    stack, seen, found = list(out.all_input_nodes), set(), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and not isinstance(gm.get_submodule(node.target), ActQuantizer):
+            found.add(node.name)
+            continue
+        stack.extend(node.all_input_nodes)
+    return {layer.name for layer in simulated.plan if found & set(layer.nodes)}
+
+
 def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batch: Any) -> LayerErrorReport:
     """For every quantized unit along the network: SQNR and cosine of its output, float vs simulated (the error
     accumulated up to there), the SQNR of its own rounding alone, its clipping rate on these inputs, and the
@@ -188,6 +208,7 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
         for h in hooks:
             h.remove()
     rows: list[LayerError] = []
+    heads = _output_units(simulated)
     previous = math.inf
     for depth, layer in enumerate(plan):
         if layer.name not in floats or layer.name not in quants:
@@ -212,8 +233,9 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
                                      "more or more representative calibration data")
             if spread is not None and spread > SPREAD_LIMIT and (rounding is None or rounding < 40):
                 row.diagnosis.append(f"channel ranges differ by {spread:.0f}x under one scale -> "
-                                     "cross-layer equalization evens them (remedy equalize); "
-                                     "a detection head's output: split_head")
+                                     "cross-layer equalization evens them (remedy equalize)"
+                                     + ("; a model output (a head): split_head gives each group of channels "
+                                        "its own scale" if layer.name in heads else ""))
             if rounding is not None and rounding < ROUNDING_SQNR_LIMIT:
                 row.diagnosis.append(f"rounding noise ({rounding:.1f} dB from its own int8 rounding) -> "
                                      "more bits for this layer (int16)")
