@@ -153,6 +153,16 @@ def _depthwise(graph) -> set[str]:
             if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
 
 
+class _Inputs:
+    """The model inputs of a dataset of ``(image, label)`` pairs, by position (the report's thumbnails)."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __getitem__(self, i: int):
+        return self.dataset[i][0]
+
+
 def _cmd_analyze(args: argparse.Namespace) -> int:
     import torch
 
@@ -208,7 +218,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                  "(same --model/--data, plus --target for your device and --budget) tries them on selection images "
                  "and reports the result on images it never chose with.")
     path = write_report(args.out, title=f"qsurgery analysis: {args.model}", facts=facts, plan=plan, flips=flips,
-                        quantize_one=q1, float_one=f1, layers=layers, depthwise=_depthwise(graph), notes=notes)
+                        quantize_one=q1, float_one=f1, layers=layers, depthwise=_depthwise(graph), notes=notes,
+                        images=_Inputs(eval_set))
     print(f"{flips.summary()}")
     print("worst layers alone: " + ", ".join(f"{r.layer} ({r.delta:.3g})" for r in q1.top(5)))
     print(f"report: {path} (and report.html) in {time.perf_counter() - t0:.0f} s")

@@ -160,8 +160,27 @@ def test_prediction_flips_counts_and_confusion(tmp_path):
     assert matrix.tolist() == [[2, 0, 0], [0, 0, 1], [1, 0, 0]]
     assert report.float_accuracy == 0.5 and report.quant_accuracy == 0.5  # same accuracy, two flips
     assert report.plot(tmp_path / "flips.png").exists()
+    assert report.flipped == [(1, 1, 2, 1), (2, 2, 0, 0)]  # image, float class, int8 class, label
     with pytest.raises(DataError):
         prediction_flips(f, q[:2])
+
+
+def test_report_lists_the_flipped_images_with_thumbnails(tmp_path):
+    from qsurgery.analysis.report import write_report
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    graph = qsurgery.capture(Spread().eval(), x)
+    sim, plan = qsurgery.quantize(graph, x, progress=False)
+    q1 = sensitivity(graph, x, x, mode="quantize_one", metric="kl", simulated=sim, progress=False)
+    f = torch.tensor([[9.0, 0, 0], [0, 9, 0], [0, 0, 9], [9, 0, 0]])
+    q = torch.tensor([[9.0, 0, 0], [0, 0, 9], [9, 0, 0], [9, 0, 0]])
+    flips = prediction_flips(f, q, torch.tensor([0, 1, 0, 2]))
+    md = write_report(tmp_path, title="t", facts=[], plan=plan, flips=flips, quantize_one=q1, float_one=None,
+                      layers=None, depthwise=set(), images=x, max_flips=1).read_text()
+    assert "| 1 | 1 | 2 | 1 | right -> wrong | ![](flips/00001.png) |" in md
+    assert "... 1 more" in md and sorted(p.name for p in (tmp_path / "flips").iterdir()) == ["00001.png"]
+    assert '<img src="flips/00001.png"' in (tmp_path / "report.html").read_text()
 
 
 def test_cli_analyze_writes_report(tmp_path, capsys):

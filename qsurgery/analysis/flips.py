@@ -25,6 +25,8 @@ class FlipReport:
     quant_accuracy: float | None = None
     pairs: Counter = field(default_factory=Counter)  # (float class, int8 class) -> count, changed only
     unchanged: Counter = field(default_factory=Counter)  # float class -> count, unchanged only
+    #: each changed prediction: (image position, float class, int8 class, label or None), in image order
+    flipped: list[tuple[int, int, int, int | None]] = field(default_factory=list)
 
     @property
     def agreement(self) -> float:
@@ -96,6 +98,9 @@ def prediction_flips(float_out: torch.Tensor, quant_out: torch.Tensor,
         labels = torch.as_tensor(labels).cpu()
         if labels.shape != fp.shape:
             raise DataError(f"labels of shape {tuple(labels.shape)} do not match {len(fp)} outputs")
+    report.flipped = [(int(i), int(fp[i]), int(qp[i]), None if labels is None else int(labels[i]))
+                      for i in changed.nonzero().flatten()]
+    if labels is not None:
         fr, qr = fp == labels, qp == labels
         report.right_to_wrong = int((fr & ~qr).sum())
         report.wrong_to_right = int((~fr & qr).sum())

@@ -6,6 +6,9 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ..quant.plan import QuantPlan
 from .flips import FlipReport
@@ -58,8 +61,11 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]], plan: QuantPlan,
                  flips: FlipReport, quantize_one: SensitivityReport, float_one: SensitivityReport | None,
-                 layers: LayerErrorReport | None, depthwise: set[str], notes: list[str] = ()) -> Path:
-    """Write report.md, report.html and the plots into ``out_dir``; returns the markdown path."""
+                 layers: LayerErrorReport | None, depthwise: set[str], notes: list[str] = (),
+                 images: Any = None, max_flips: int = 24) -> Path:
+    """Write report.md, report.html and the plots into ``out_dir``; returns the markdown path. ``images``: the
+    evaluation images in the order of ``flips`` (a tensor, or an indexable of image tensors): the first
+    ``max_flips`` changed predictions are listed with a thumbnail each (``flips/``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     quantize_one.plot(out / "sensitivity_quantize_one.png")
@@ -80,6 +86,8 @@ def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]
     blocks += [("p", n) for n in notes]
     blocks.append(("h2", "Prediction flips"))
     blocks.append(("p", flips.summary() + "."))
+    if flips.flipped:
+        blocks.append(("thumbs", _flip_rows(flips, images, out, max_flips)))
     blocks.append(("img", "flips.png"))
     blocks.append(("h2", "Suspects and the fix to try first"))
     rows = []
@@ -123,6 +131,14 @@ def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]
         elif kind == "p":
             md.append(str(value))
             body.append(f"<p>{html.escape(str(value))}</p>")
+        elif kind == "thumbs":
+            header, rows = value
+            md.append(_md_table(header, [[f"![]({c})" if c.endswith(".png") else c for c in r] for r in rows]))
+            cells = "".join("<tr>" + "".join(
+                f'<td><img src="{html.escape(c)}" alt="image" width="64"></td>' if c.endswith(".png") else
+                f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
+                        + f"</tr></thead><tbody>{cells}</tbody></table>")
         elif kind == "img":
             md.append(f"![{value}]({value})")
             body.append(f'<img src="{value}" alt="{value}" style="max-width:100%">')
@@ -138,6 +154,41 @@ def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]
     (out / "report.html").write_text(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}"
                                      f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>")
     return out / "report.md"
+
+
+def _thumbnail(image: torch.Tensor, path: Path, side: int = 64) -> None:
+    """A small PNG of one (C, H, W) model input, its values stretched to the full range (inputs are
+    normalised, so the colours are approximate)."""
+    from PIL import Image
+
+    x = image.detach().float().cpu()
+    x = x[:3] if x.shape[0] >= 3 else x[:1].expand(3, -1, -1)
+    x = (x - x.min()) / (x.max() - x.min()).clamp(min=1e-12)
+    array = (x.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    Image.fromarray(array).resize((side, side * array.shape[0] // array.shape[1])).save(path)
+
+
+def _flip_rows(flips: FlipReport, images: Any, out: Path, k: int) -> tuple[list[str], list[list[str]]]:
+    """The first ``k`` changed predictions as table rows (thumbnails written under ``out/flips/``)."""
+    labeled = any(label is not None for *_, label in flips.flipped)
+    header = ["image", "float class", "int8 class"] + (["label", "effect"] if labeled else [])
+    header += ["thumbnail"] if images is not None else []
+    if images is not None:
+        (out / "flips").mkdir(exist_ok=True)
+    rows = []
+    for i, f, q, label in flips.flipped[:k]:
+        row = [str(i), str(f), str(q)]
+        if labeled:
+            effect = "right -> wrong" if label == f else "wrong -> right" if label == q else "wrong -> wrong"
+            row += [str(label), effect]
+        if images is not None:
+            name = f"flips/{i:05d}.png"
+            _thumbnail(images[i], out / name)
+            row.append(name)
+        rows.append(row)
+    if len(flips.flipped) > k:
+        rows.append([f"... {len(flips.flipped) - k} more"] + [""] * (len(header) - 1))
+    return header, rows
 
 
 def _sens_rows(report: SensitivityReport, k: int) -> tuple[list[str], list[list[str]]]:
