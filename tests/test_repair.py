@@ -512,3 +512,29 @@ def test_a_remedy_that_cannot_apply_to_this_model_is_a_rejected_trial_not_a_cras
     assert first.proposal["remedy"] == "refuses" and not first.accepted
     assert first.reason.startswith("could not be applied: 3136 calibration positions")
     assert any(t.proposal["remedy"] == "equalize" for t in r.trials[1:])
+
+
+def test_a_change_that_costs_must_fall_beyond_the_selection_images_noise():
+    """A 5 % KL fall is kept when it is free, or when every image shares it; a costed one that a few images
+    carry (within z standard errors of the per-image falls) is dropped, and the trial log says why."""
+    from qsurgery.repair import _judge, _Measure
+
+    gen = torch.Generator().manual_seed(0)
+    before = (torch.rand(200, generator=gen) + 0.5).tolist()
+    even = [0.95 * v for v in before]  # every image 5 % closer to float
+    lumpy = list(before)  # the same mean fall, carried by random images going up and down
+    noise = torch.randn(200, generator=gen)  # per-image standard error 0.07 against a mean fall of 0.05
+    lumpy = [v + float(n) for v, n in zip(lumpy, noise - noise.mean())]
+    shift = (sum(before) - sum(even)) / 200
+    lumpy = [v - shift for v in lumpy]
+    current = _Measure(80.0, sum(before) / 200, 90.0, 1.0, kl_each=before)
+
+    def measure(each, cost):
+        return _Measure(80.0, sum(each) / 200, 90.0, cost, kl_each=each)
+
+    budget = Budget(1.0)
+    assert _judge(current, measure(even, 1.05), budget, 0.02)[0]
+    kept, why = _judge(current, measure(lumpy, 1.05), budget, 0.02)
+    assert not kept and "not worth its cost" in why
+    assert _judge(current, measure(lumpy, 1.0), budget, 0.02)[0]  # free: the 2 % fall is enough
+    assert _judge(current, measure(lumpy, 1.05), Budget(1.0, confidence=0.5), 0.02)[0]  # z = 0: no noise test
