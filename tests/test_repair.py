@@ -259,7 +259,7 @@ def test_cli_repair_writes_report_model_and_verified_onnx(tmp_path, capsys):
     assert code == 0, out
     names = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"report.md", "report.html", "repair.png", "run.json", "result", "repaired_qdq.onnx"} <= names
-    assert "result" in out and "onnx" in out
+    assert "result" in out and "onnx" in out and "the file computes the simulated arithmetic" in out
 
 
 def test_cli_repair_interrupted_says_what_is_kept_and_how_to_go_on(tmp_path, capsys, monkeypatch):
