@@ -204,24 +204,31 @@ def test_split_head_bad_input(tiny):
 # --------------------------------------------------------------------------- COCO mAP
 
 
-def _synthetic_coco(tmp_path: Path, n: int = 6, seed: int = 0):
-    """Black images of varied sizes with white rectangles; COCO json of their boxes (classes 1 and 3)."""
+def write_coco(image_dir: Path, ann_path: Path, n: int, seed: int) -> None:
+    """Black images of varied sizes with white rectangles in ``image_dir``; COCO json of their boxes (classes 1
+    and 3) at ``ann_path``."""
     rng = np.random.default_rng(seed)
     images, anns = [], []
-    (tmp_path / "img").mkdir()
+    image_dir.mkdir(parents=True)
+    ann_path.parent.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
         img = Image.new("RGB", (w, h))
         x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
         bw, bh = int(rng.integers(10, w - x0)), int(rng.integers(10, h - y0))
         ImageDraw.Draw(img).rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=(255, 255, 255))
-        img.save(tmp_path / "img" / f"{i:03d}.png")
+        img.save(image_dir / f"{i:03d}.png")
         images.append({"id": 100 + i, "file_name": f"{i:03d}.png", "width": w, "height": h})
         anns.append({"id": i + 1, "image_id": 100 + i, "category_id": 1 + 2 * (i % 2), "bbox": [x0, y0, bw, bh],
                      "area": bw * bh, "iscrowd": 0})
     ann = {"images": images, "annotations": anns,
            "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]}
-    (tmp_path / "ann.json").write_text(json.dumps(ann))
+    ann_path.write_text(json.dumps(ann))
+
+
+def _synthetic_coco(tmp_path: Path, n: int = 6, seed: int = 0):
+    """Black images of varied sizes with white rectangles; COCO json of their boxes (classes 1 and 3)."""
+    write_coco(tmp_path / "img", tmp_path / "ann.json", n, seed)
     return CocoImages(tmp_path / "img", tmp_path / "ann.json")
 
 

@@ -9,7 +9,6 @@ YOLO-style detector. Everything else (qsurgery's functions and their defaults) i
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -53,22 +52,9 @@ def _image_folder(root: Path, n: int = 132) -> None:
 
 def _coco_folder(root: Path, n: int = 100) -> None:
     """``root/val2017`` images with white rectangles, their boxes in ``root/annotations/instances.json``."""
-    rng = np.random.default_rng(1)
-    (root / "val2017").mkdir(parents=True)
-    (root / "annotations").mkdir()
-    images, anns = [], []
-    for i in range(n):
-        w, h = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-        img = Image.new("RGB", (w, h))
-        x0, y0 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-        bw, bh = int(rng.integers(10, w - x0)), int(rng.integers(10, h - y0))
-        ImageDraw.Draw(img).rectangle([x0, y0, x0 + bw - 1, y0 + bh - 1], fill=(255, 255, 255))
-        img.save(root / "val2017" / f"{i:03d}.png")
-        images.append({"id": 100 + i, "file_name": f"{i:03d}.png", "width": w, "height": h})
-        anns.append({"id": i + 1, "image_id": 100 + i, "category_id": 1 + 2 * (i % 2), "bbox": [x0, y0, bw, bh],
-                     "area": bw * bh, "iscrowd": 0})
-    (root / "annotations" / "instances.json").write_text(json.dumps(
-        {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]}))
+    from test_detection import write_coco
+
+    write_coco(root / "val2017", root / "annotations" / "instances.json", n, seed=1)
 
 
 def _small_detector(name: str, weights=None):
