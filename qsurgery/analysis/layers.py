@@ -145,31 +145,12 @@ def _channel_spread(x: torch.Tensor) -> float | None:
     return float(ranges.max().item() / median)
 
 
-def _output_units(simulated: SimulatedModel) -> set[str]:
-    """The quantized units whose output is a model output (through reshapes, concats and quantizers only): the
-    heads, where channels of different meaning share one scale and ``split_head`` applies."""
-    from ..quant.simulate import ActQuantizer
-
-    gm = simulated.graph_module
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    stack, seen, found = list(out.all_input_nodes), set(), set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "call_module" and not isinstance(gm.get_submodule(node.target), ActQuantizer):
-            found.add(node.name)
-            continue
-        stack.extend(node.all_input_nodes)
-    return {layer.name for layer in simulated.plan if found & set(layer.nodes)}
-
-
 def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batch: Any) -> LayerErrorReport:
     """For every quantized unit along the network: SQNR and cosine of its output, float vs simulated (the error
     accumulated up to there), the SQNR of its own rounding alone, its clipping rate on these inputs, and the
-    spread of its per-channel ranges; plus a diagnosis for weak layers. ``graph`` is accepted for symmetry
-    with the rest of the API (the float reference is the simulation with quantization switched off).
+    spread of its per-channel ranges; plus a diagnosis for weak layers. The float reference is the simulation
+    with quantization switched off; ``graph`` (the captured float graph, or None) tells which convs are heads
+    (:func:`qsurgery.passes.find_heads`), the only layers for which ``split_head`` is suggested.
     """
     if not isinstance(simulated, SimulatedModel):
         raise QSurgeryError("compare_layers() needs the SimulatedModel returned by qsurgery.quantize()")
@@ -208,7 +189,11 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
         for h in hooks:
             h.remove()
     rows: list[LayerError] = []
-    heads = _output_units(simulated)
+    heads: set[str] = set()
+    if graph is not None:
+        from ..passes.split_head import find_heads
+
+        heads = {h["conv"] for h in find_heads(graph)}
     previous = math.inf
     for depth, layer in enumerate(plan):
         if layer.name not in floats or layer.name not in quants:
@@ -235,7 +220,7 @@ def compare_layers(graph: fx.GraphModule | None, simulated: SimulatedModel, batc
                 row.diagnosis.append(f"channel ranges differ by {spread:.0f}x under one scale -> "
                                      "cross-layer equalization evens them (remedy equalize)"
                                      + ("; a model output (a head): split_head gives each group of channels "
-                                        "its own scale" if layer.name in heads else ""))
+                                        "its own scale" if layer.module in heads else ""))
             if rounding is not None and rounding < ROUNDING_SQNR_LIMIT:
                 row.diagnosis.append(f"rounding noise ({rounding:.1f} dB from its own int8 rounding) -> "
                                      "more bits for this layer (int16)")
