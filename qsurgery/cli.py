@@ -307,10 +307,8 @@ def _finish(args: argparse.Namespace, result, example: torch.Tensor, verify: lis
                                  uint8_weights=args.uint8_weights)
         steps = "n/a" if rep.max_error_steps is None else f"{rep.max_error_steps:.2f} output step(s)"
         agree = "" if rep.top1_agreement is None else f", top-1 agreement {100 * rep.top1_agreement:.2f} %"
-        verdict = {True: "the file computes the simulated arithmetic", False: "the file does NOT compute the "
-                   "simulated arithmetic: see the notes", None: ""}[rep.matches_simulation]
-        print(f"onnx     {rep.path}: " + (f"{verdict} (" if verdict else "") + f"its Q/DQ arithmetic matches the "
-              f"simulation to {steps}{agree} on {rep.verified_on} inputs" + (")" if verdict else ""))
+        print(f"onnx     {rep.path}: " + (f"{rep.verdict} (" if rep.verdict else "") + "its Q/DQ arithmetic "
+              f"matches the simulation to {steps}{agree} on {rep.verified_on} inputs" + (")" if rep.verdict else ""))
         for line in rep.differences:
             print(f"note     {line}")
         if result.merge_outputs is not None:

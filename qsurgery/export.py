@@ -205,6 +205,13 @@ class ExportReport:
     #: noise floor, or start as 1-step rounding ties that the network amplifies), False when a layer differs
     matches_simulation: bool | None = None
 
+    @property
+    def verdict(self) -> str:
+        """``matches_simulation`` in words ('' where it was not judged)."""
+        return {True: "the file computes the simulated arithmetic", None: "",
+                False: "the file does NOT compute the simulated arithmetic (see the differences)"}[
+            self.matches_simulation]
+
     def summary(self) -> str:
         lines = [f"{'QDQ' if self.qdq else 'float'} ONNX {self.path} (opset {self.opset}, "
                  f"{self.size_bytes / 1e6:.2f} MB, nodes {self.nodes_before} -> {self.nodes_after} "
@@ -234,9 +241,8 @@ class ExportReport:
                 text += f", top-1 agreement {100 * self.noise_floor_agreement:.2f} %"
             lines.append(text)
         lines.extend(f"  {d}" for d in self.differences)
-        if self.matches_simulation is not None:
-            lines.append("  verdict: " + ("the file computes the simulated arithmetic" if self.matches_simulation else
-                                          "the file does NOT compute the simulated arithmetic (see above)"))
+        if self.verdict:
+            lines.append(f"  verdict: {self.verdict}")
         return "\n".join(lines)
 
 

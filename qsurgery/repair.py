@@ -957,7 +957,7 @@ def _paired_interval(correct_a: torch.Tensor, correct_b: torch.Tensor) -> tuple[
 
 def _paired_se(correct_a: torch.Tensor, correct_b: torch.Tensor) -> float:
     """Standard error of the mean paired difference a - b, in points."""
-    d = correct_a.float() - correct_b.float()
+    d = torch.as_tensor(correct_a, dtype=torch.float64) - torch.as_tensor(correct_b, dtype=torch.float64)
     return 100 * float(d.std(unbiased=True)) / math.sqrt(len(d))
 
 
@@ -1222,10 +1222,10 @@ def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) 
     if after.cost > current.cost and current.kl_each and after.kl_each and len(after.kl_each) > 1 and budget.z > 0:
         # a change that costs must pay with a fall the selection images resolve: the paired per-image falls'
         # mean beyond z standard errors (the budget's confidence), not one image's luck
-        d = torch.tensor(current.kl_each, dtype=torch.float64) - torch.tensor(after.kl_each, dtype=torch.float64)
-        se = float(d.std() / len(d) ** 0.5)
-        if float(d.mean()) <= budget.z * se:
-            return False, why + (f" (fall {float(d.mean()):.3g} within {budget.z:.2f} standard errors, {se:.3g}, "
+        fall = current.kl - after.kl
+        se = _paired_se(current.kl_each, after.kl_each) / 100  # the helper speaks in points
+        if fall <= budget.z * se:
+            return False, why + (f" (fall {fall:.3g} within {budget.z:.2f} standard errors, {se:.3g}, "
                                  "of the selection images: not worth its cost)")
     return True, why + " (kept)"
 

@@ -48,14 +48,21 @@ def suspects(quantize_one: SensitivityReport, float_one: SensitivityReport | Non
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table; a cell naming a ``.png`` file shows that image."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(f"![]({c})" if c.endswith(".png") else c for c in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    """The same table in HTML (a ``.png`` cell as a 64-pixel thumbnail)."""
+    def cell(c: str) -> str:
+        if c.endswith(".png"):
+            return f'<td><img src="{html.escape(c)}" alt="image" width="64"></td>'
+        return f"<td>{html.escape(c.strip('`'))}</td>"
+
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c.strip('`'))}</td>" for c in r) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(cell(c) for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -87,7 +94,7 @@ def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]
     blocks.append(("h2", "Prediction flips"))
     blocks.append(("p", flips.summary() + "."))
     if flips.flipped:
-        blocks.append(("thumbs", _flip_rows(flips, images, out, max_flips)))
+        blocks.append(("table", _flip_rows(flips, images, out, max_flips)))
     blocks.append(("img", "flips.png"))
     blocks.append(("h2", "Suspects and the fix to try first"))
     rows = []
@@ -131,14 +138,6 @@ def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]
         elif kind == "p":
             md.append(str(value))
             body.append(f"<p>{html.escape(str(value))}</p>")
-        elif kind == "thumbs":
-            header, rows = value
-            md.append(_md_table(header, [[f"![]({c})" if c.endswith(".png") else c for c in r] for r in rows]))
-            cells = "".join("<tr>" + "".join(
-                f'<td><img src="{html.escape(c)}" alt="image" width="64"></td>' if c.endswith(".png") else
-                f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-                        + f"</tr></thead><tbody>{cells}</tbody></table>")
         elif kind == "img":
             md.append(f"![{value}]({value})")
             body.append(f'<img src="{value}" alt="{value}" style="max-width:100%">')
