@@ -49,6 +49,7 @@ class ImageFolder(Dataset):
         if not self.root.is_dir():
             raise DataError(f"image folder {self.root} does not exist")
         self.transform = transform or model_transform(model)
+        self.classes: list[str] | None = None  # class sub-folder names, in label order
         self.samples = self._scan()
         if limit is not None:
             self.samples = self.samples[:limit]
@@ -65,6 +66,7 @@ class ImageFolder(Dataset):
             return self._read_csv(labels_csv)
         classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if classes:
+            self.classes = classes
             return [(p, i) for i, c in enumerate(classes) for p in sorted((self.root / c).rglob("*"))
                     if p.suffix.lower() in IMAGE_EXTENSIONS]
         return [(p, NO_LABEL) for p in sorted(self.root.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS]

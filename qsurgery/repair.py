@@ -548,10 +548,12 @@ def _rerounded(ctx: _Context, state: _State, layer: str, config: QuantConfig) ->
     if not pinned:
         return graph
     del graph.meta[WEIGHT_SCALES][module]
-    from .passes.learned_rounding import learned_rounding  # skips the layer when its new format is not integer
+    from .passes.learned_rounding import _why_not, learned_rounding
 
     layers, blocks = [layer], any(s["remedy"] == "learned_rounding" and s["params"].get("blocks")
                                   for s in state.steps)
+    if not blocks and _why_not(target, config.formats_for(layer)[0]):
+        return graph  # float, fp16 or 16-bit weights: nothing to round again (learned rounding would skip it)
     if blocks:  # its block was rounded as one: the others made up for its coarse grid, so they are rounded again
         parent = module.rpartition(".")[0]
         pins = graph.meta[WEIGHT_SCALES]

@@ -182,6 +182,12 @@ def test_report_lists_the_flipped_images_with_thumbnails(tmp_path):
     assert "| 1 | 1 | 2 | 1 | right -> wrong | ![](flips/00001.png) |" in md
     assert "... 1 more" in md and sorted(p.name for p in (tmp_path / "flips").iterdir()) == ["00001.png"]
     assert '<img src="flips/00001.png"' in (tmp_path / "report.html").read_text()
+    md = write_report(tmp_path / "named", title="t", facts=[], plan=plan, flips=flips, quantize_one=q1,
+                      float_one=None, layers=None, depthwise=set(), verdict="Verdict: one line first",
+                      class_names=["cat", "dog", "eel"]).read_text()
+    assert md.splitlines()[1:3] == ["", "Verdict: one line first"]
+    assert "| 1 | 1 dog | 2 eel | 1 dog | right -> wrong |" in md
+    assert "| 2 | 2 eel | 0 cat | 0 cat | wrong -> right |" in md
 
 
 def test_cli_analyze_writes_report(tmp_path, capsys):
@@ -215,6 +221,7 @@ def test_cli_analyze_with_data_reports_calibration_coverage(tmp_path, capsys):
     assert code == 0
     md = (out / "report.md").read_text()
     assert "calibration" in md and any(v in md for v in ("enough", "more images needed", "looks unlike"))
+    assert md.splitlines()[2].startswith("Verdict: int8 keeps ") and "points)" in md.splitlines()[2]
     assert "calibration:" in capsys.readouterr().out
 
 
@@ -227,3 +234,18 @@ def test_compare_layers_blames_coarse_weights():
     report = compare_layers(graph, sim, x)
     assert report["head"].weight_sqnr_db < 20 < report["conv"].weight_sqnr_db
     assert any("weight rounding" in d for d in report["head"].diagnosis)
+
+
+def test_flip_classes_are_named_only_where_the_names_are_known():
+    from qsurgery.cli import _class_names
+
+    class Folder:
+        classes = ["cat", "dog"]
+
+    class Flat:
+        pass
+
+    subset = torch.utils.data.Subset(Folder(), [0])
+    assert _class_names(subset, 2) == ["cat", "dog"]
+    assert _class_names(Folder(), 1000) is None  # folder labels, but the outputs are another numbering
+    assert _class_names(Flat(), 1000)[0] == "tench" and _class_names(Flat(), 10) is None

@@ -225,6 +225,28 @@ def test_range_observers_behave():
     assert lo == 0.0 and hi > 2.0  # the zero spike of ReLU outputs must not collapse the range
 
 
+def test_a_searched_range_is_remembered_by_the_histograms_content_not_its_object():
+    """The engine recalibrates the same float activations on every trial: the MSE/entropy search over an equal
+    histogram answers from memory, and a histogram that changed is searched again."""
+    torch.manual_seed(1)
+    y = torch.randn(50_000) ** 3
+
+    def stats_of(t):
+        s = RangeStats()
+        s.update_minmax(t)
+        s.start_histogram(1024)
+        s.update_histogram(t)
+        return s
+
+    fmt = TensorFormat("int", 4, observer="mse")
+    first, again = choose_range(stats_of(y), fmt), choose_range(stats_of(y.clone()), fmt)
+    assert first == again
+    assert choose_range(stats_of(y), TensorFormat("int", 8, observer="mse")) != first  # the format is in the key
+    changed = stats_of(y)
+    changed.hist[changed.hist.numel() // 2 + 40:] *= 50  # the same bounds, other counts: a new search
+    assert choose_range(changed, fmt) != first
+
+
 def test_weight_mse_is_no_worse_than_minmax():
     torch.manual_seed(0)
     w = torch.randn(16, 8, 3, 3)

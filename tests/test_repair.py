@@ -128,6 +128,32 @@ def test_a_layer_widened_after_learned_rounding_is_rounded_again_on_its_new_grid
             assert not any("re-rounded" in n for n in layer.notes)
 
 
+def test_a_layer_kept_float_after_learned_rounding_gets_its_float_weights_back(net, monkeypatch):
+    """Widened to float (or 16 bits) after learned rounding, a layer holds its float weights again and no pinned
+    grid: nothing is rounded again, and the export sees a float layer."""
+    import sys
+
+    from qsurgery.graph import WEIGHT_SCALES
+    from qsurgery.passes.common import folded_copy
+
+    engine = sys.modules["qsurgery.repair"]
+    m, calib, x, y = net
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="generic",
+               remedies=["learned_rounding", "precision"], max_trials=4, progress=False)
+    assert r.steps[0]["remedy"] == "learned_rounding"
+    widened = [r.plan[s["params"]["layer"]] for s in r.steps if s["remedy"] == "precision"]
+    float_modules = dict(folded_copy(qsurgery.capture(m, x[:1])).named_modules())
+    repaired = dict(r.graph.named_modules())
+    convs = [layer for layer in widened if layer.module is not None and hasattr(repaired[layer.module], "weight")]
+    assert convs
+    for layer in convs:
+        assert torch.equal(repaired[layer.module].weight, float_modules[layer.module].weight), layer.name
+        assert layer.module not in r.graph.meta[WEIGHT_SCALES]
+    rounded = [n for n in r.graph.meta[WEIGHT_SCALES] if n not in {layer.module for layer in convs}]
+    assert rounded  # the other layers keep their learned rounding
+
+
 def test_a_layer_widened_after_bias_correction_gets_its_float_bias_back(net, monkeypatch):
     """Bias correction moves a layer's bias by its 4-bit grid's mean shift; widened to int8, the layer gets its
     float bias back (the old correction would now be an error of its own)."""

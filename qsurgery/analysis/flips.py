@@ -48,7 +48,9 @@ class FlipReport:
     def summary(self) -> str:
         text = f"{self.changed} of {self.total} top-1 predictions changed ({100 * (1 - self.agreement):.2f} %)"
         if self.right_to_wrong is not None:
-            text += (f": {self.right_to_wrong} right->wrong, {self.wrong_to_right} wrong->right; top-1 float "
+            other = self.changed - self.right_to_wrong - self.wrong_to_right
+            text += (f": {self.right_to_wrong} right->wrong, {self.wrong_to_right} wrong->right"
+                     + (f", {other} wrong->another wrong" if other else "") + "; top-1 float "
                      f"{100 * self.float_accuracy:.2f} % -> int8 {100 * self.quant_accuracy:.2f} %")
         return text
 

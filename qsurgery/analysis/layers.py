@@ -106,10 +106,18 @@ class LayerErrorReport:
         own = [(r.depth, min(r.rounding_sqnr_db, 80)) for r in self.rows if r.rounding_sqnr_db is not None]
         if own:
             ax.plot(*zip(*own), linestyle=":", color="gray", label="layer's own rounding")
-        for r in self.weak():
-            ax.annotate(r.layer, (r.depth, min(r.sqnr_db, 80)), fontsize=6, rotation=45, color="#c0504d")
+        weak = self.weak()
+        if weak:
+            ax.scatter([r.depth for r in weak], [min(r.sqnr_db, 80) for r in weak], color="#c0504d", zorder=3,
+                       label="layers with a diagnosis")
+        for k, r in enumerate(weak):  # below the curve, staggered so that neighbours do not overlap
+            ax.annotate(r.layer, (r.depth, min(r.sqnr_db, 80)), xytext=(0, -14 - 11 * (k % 3)),
+                        textcoords="offset points", ha="center", fontsize=8, color="#c0504d",
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.85})
         ax.set_xlabel("quantized op (execution order)")
         ax.set_ylabel("dB")
+        lo = min([min(r.sqnr_db, 80) for r in self.rows], default=0.0)
+        ax.set_ylim(bottom=lo - 12)  # room for the labels under the lowest point
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)

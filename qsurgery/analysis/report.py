@@ -4,6 +4,7 @@ why, and the fix to try first for each."""
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,10 +70,12 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]], plan: QuantPlan,
                  flips: FlipReport, quantize_one: SensitivityReport, float_one: SensitivityReport | None,
                  layers: LayerErrorReport | None, depthwise: set[str], notes: list[str] = (),
-                 images: Any = None, max_flips: int = 24) -> Path:
+                 images: Any = None, max_flips: int = 24, verdict: str | None = None,
+                 class_names: Sequence[str] | None = None) -> Path:
     """Write report.md, report.html and the plots into ``out_dir``; returns the markdown path. ``images``: the
     evaluation images in the order of ``flips`` (a tensor, or an indexable of image tensors): the first
-    ``max_flips`` changed predictions are listed with a thumbnail each (``flips/``)."""
+    ``max_flips`` changed predictions are listed with a thumbnail each (``flips/``). ``verdict``: the one line
+    printed first, under the title. ``class_names``: names for the class indices in the flip list."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     quantize_one.plot(out / "sensitivity_quantize_one.png")
@@ -89,12 +92,14 @@ def write_report(out_dir: str | Path, *, title: str, facts: list[tuple[str, str]
     plan.to_json(out / "plan.json")
 
     blocks: list[tuple[str, object]] = [("h1", title)]
+    if verdict:
+        blocks.append(("p", verdict))
     blocks.append(("table", (["", ""], [[k, v] for k, v in facts])))
     blocks += [("p", n) for n in notes]
     blocks.append(("h2", "Prediction flips"))
     blocks.append(("p", flips.summary() + "."))
     if flips.flipped:
-        blocks.append(("table", _flip_rows(flips, images, out, max_flips)))
+        blocks.append(("table", _flip_rows(flips, images, out, max_flips, class_names)))
     blocks.append(("img", "flips.png"))
     blocks.append(("h2", "Suspects and the fix to try first"))
     rows = []
@@ -167,8 +172,14 @@ def _thumbnail(image: torch.Tensor, path: Path, side: int = 64) -> None:
     Image.fromarray(array).resize((side, side * array.shape[0] // array.shape[1])).save(path)
 
 
-def _flip_rows(flips: FlipReport, images: Any, out: Path, k: int) -> tuple[list[str], list[list[str]]]:
-    """The first ``k`` changed predictions as table rows (thumbnails written under ``out/flips/``)."""
+def _flip_rows(flips: FlipReport, images: Any, out: Path, k: int, names: Sequence[str] | None = None
+               ) -> tuple[list[str], list[list[str]]]:
+    """The first ``k`` changed predictions as table rows (thumbnails written under ``out/flips/``), each class
+    index followed by its name where ``names`` has one."""
+
+    def cls(c: int) -> str:
+        return f"{c} {names[c]}" if names is not None and 0 <= c < len(names) else str(c)
+
     labeled = any(label is not None for *_, label in flips.flipped)
     header = ["image", "float class", "int8 class"] + (["label", "effect"] if labeled else [])
     header += ["thumbnail"] if images is not None else []
@@ -176,10 +187,10 @@ def _flip_rows(flips: FlipReport, images: Any, out: Path, k: int) -> tuple[list[
         (out / "flips").mkdir(exist_ok=True)
     rows = []
     for i, f, q, label in flips.flipped[:k]:
-        row = [str(i), str(f), str(q)]
+        row = [str(i), cls(f), cls(q)]
         if labeled:
             effect = "right -> wrong" if label == f else "wrong -> right" if label == q else "wrong -> wrong"
-            row += [str(label), effect]
+            row += [cls(label), effect]
         if images is not None:
             name = f"flips/{i:05d}.png"
             _thumbnail(images[i], out / name)
