@@ -43,7 +43,7 @@ const puppeteer = require('puppeteer-core');
   await page.goto(url, {waitUntil: 'load'});
   const facts = await page.evaluate(() => ({
     title: document.title,
-    first: (document.querySelector('h1, p') || {}).innerText || '',
+    first: (document.querySelector('p') || {}).innerText || '',
     images: [...document.images].map(i => ({src: i.getAttribute('src'), ok: i.complete && i.naturalWidth > 0,
                                            width: i.naturalWidth, shown: i.getBoundingClientRect().width})),
     tables: [...document.querySelectorAll('table')].map(t => t.rows.length),
@@ -92,7 +92,7 @@ def main() -> int:
     empty = [k for k, rows in enumerate(facts["tables"]) if rows < 2]
     wide = facts["scrollWidth"] > args.width
     print(f"# {args.report} in headless Chromium ({seconds:.1f} s), window {args.width} px wide")
-    print(f"title: {facts['title']!r}; first line: {facts['first'][:160]!r}")
+    print(f"title: {facts['title']!r}; first paragraph: {facts['first'][:160]!r}")
     print(f"page: {facts['height']} px tall, {facts['scrollWidth']} px wide"
           f"{' (scrolls sideways)' if wide else ''}")
     print(f"images: {len(facts['images'])} ({len(broken)} broken{': ' + ', '.join(broken[:5]) if broken else ''})")
