@@ -176,3 +176,15 @@ def test_cli_refuses_bad_arguments_before_any_work(argv, message, tmp_path, caps
     argv = [a.format(file=file, tmp=tmp_path, folder=folder) for a in argv]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_seed_draws_other_builtin_images_and_the_same_ones_again():
+    from qsurgery.cli import _prepare, build_parser
+
+    def first_image(seed):
+        args = build_parser().parse_args(["quantize", "--model", "resnet18", "--input-size", "32", "--calib", "2",
+                                          "--eval", "2", "--seed", str(seed)])
+        return _prepare(args)[1][0][0]
+
+    assert torch.equal(first_image(0), first_image(0))
+    assert not torch.equal(first_image(0), first_image(1))
