@@ -20,13 +20,10 @@ import warnings
 
 import torch
 from _lite0 import load_lite0
+from calibration import batches
 
 import qsurgery
 from qsurgery.data import distill_images
-
-
-def batches(x: torch.Tensor, bs: int = 32) -> list[torch.Tensor]:
-    return [x[i:i + bs] for i in range(0, len(x), bs)]
 
 
 def main() -> None:

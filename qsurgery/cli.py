@@ -176,17 +176,19 @@ _DISTILLED_TRUST = (
     "them.")
 
 
-def _class_names(dataset, n_outputs: int) -> list[str] | None:
-    """Names for the model's class indices: the image folder's class sub-folders when they number the model's
-    outputs, ImageNet-1k's for a 1000-class model on images that name no classes (torchvision ships them)."""
+def _class_names(dataset, n_outputs: int) -> tuple[list[str] | None, str | None]:
+    """Names for the model's class indices, and a note saying where they come from when the images did not give
+    them: the image folder's class sub-folders when they number the model's outputs, ImageNet-1k's for a
+    1000-class model on images that name no classes (torchvision ships them)."""
     classes = getattr(getattr(dataset, "dataset", dataset), "classes", None)  # through a Subset
     if classes:  # the folders name the labels; they name the outputs only when they number them
-        return list(classes) if len(classes) == n_outputs else None
+        return (list(classes) if len(classes) == n_outputs else None), None
     if n_outputs == 1000:
         from torchvision.models._meta import _IMAGENET_CATEGORIES
 
-        return list(_IMAGENET_CATEGORIES)
-    return None
+        return list(_IMAGENET_CATEGORIES), "Class names: ImageNet-1k's (the model has 1000 outputs and the images " \
+                                           "name none)."
+    return None, None
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
@@ -243,15 +245,14 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
                  "(same --model/--data, plus --target for your device and --budget) tries them on selection images "
                  "and reports the result on images it never chose with.")
     worst = q1.top(1)
-    verdict = (f"Verdict: {config.describe().split(':')[0]} keeps {100 * flips.agreement:.2f} % of float's top-1 "
+    verdict = (f"Verdict: {config.name} keeps {100 * flips.agreement:.2f} % of float's top-1 "
                f"predictions on {flips.total} images (1 image = {100 / flips.total:.2f} points)"
                + (f", top-1 {100 * flips.float_accuracy:.2f} % -> {100 * flips.quant_accuracy:.2f} %"
                   if labels is not None else "")
                + (f"; the layer that loses most alone: {worst[0].layer}" if worst and worst[0].delta > 0 else "")
                + ". `qsurgery repair` measures the fixes.")
-    names = _class_names(eval_set, float_out.shape[-1])
-    if names is not None and not getattr(getattr(eval_set, "dataset", eval_set), "classes", None):
-        notes.append("Class names: ImageNet-1k's (the model has 1000 outputs and the images name none).")
+    names, where = _class_names(eval_set, float_out.shape[-1])
+    notes += [where] if where else []
     path = write_report(args.out, title=f"qsurgery analysis: {args.model}", facts=facts, plan=plan, flips=flips,
                         quantize_one=q1, float_one=f1, layers=layers, depthwise=_depthwise(graph), notes=notes,
                         images=_Inputs(eval_set), verdict=verdict, class_names=names)

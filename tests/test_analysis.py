@@ -248,6 +248,7 @@ def test_flip_classes_are_named_only_where_the_names_are_known():
         pass
 
     subset = torch.utils.data.Subset(Folder(), [0])
-    assert _class_names(subset, 2) == ["cat", "dog"]
-    assert _class_names(Folder(), 1000) is None  # folder labels, but the outputs are another numbering
-    assert _class_names(Flat(), 1000)[0] == "tench" and _class_names(Flat(), 10) is None
+    assert _class_names(subset, 2) == (["cat", "dog"], None)
+    assert _class_names(Folder(), 1000) == (None, None)  # folder labels, but the outputs are another numbering
+    names, where = _class_names(Flat(), 1000)
+    assert names[0] == "tench" and "ImageNet-1k" in where and _class_names(Flat(), 10) == (None, None)
