@@ -2,6 +2,7 @@
 save/load, the CLI, and clear errors before any expensive work."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -25,6 +26,13 @@ def net():
 
 
 FAST = ["equalize", "bias_correction", "observer"]
+
+
+def _keeping_every_trial(monkeypatch):
+    """The engine's module with its judge replaced so that every trial is kept (tests of what a kept step does)."""
+    engine = sys.modules["qsurgery.repair"]  # the module (qsurgery.repair is the function)
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    return engine
 
 
 def test_stops_at_once_when_the_plain_model_keeps_the_budget(net):
@@ -107,14 +115,12 @@ def test_trials_measured_several_at_once_are_the_trials_one_at_a_time(net):
 def test_a_layer_widened_after_learned_rounding_is_rounded_again_on_its_new_grid(net, monkeypatch):
     """Learned rounding puts 4-bit weights on their grid; widened to int8, a layer gets its float weights back
     and is rounded again on the 8-bit grid (not the coarse values copied into a finer format)."""
-    import sys
 
     from qsurgery.graph import WEIGHT_SCALES
 
-    engine = sys.modules["qsurgery.repair"]  # the module (qsurgery.repair is the function)
 
     m, calib, x, y = net
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    _keeping_every_trial(monkeypatch)
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8",
                remedies=["learned_rounding", "precision"], max_trials=3, progress=False)
     widened = [s["params"]["layer"] for s in r.steps if s["remedy"] == "precision"]
@@ -131,14 +137,12 @@ def test_a_layer_widened_after_learned_rounding_is_rounded_again_on_its_new_grid
 def test_a_layer_kept_float_after_learned_rounding_gets_its_float_weights_back(net, monkeypatch):
     """Widened to float (or 16 bits) after learned rounding, a layer holds its float weights again and no pinned
     grid: nothing is rounded again, and the export sees a float layer."""
-    import sys
 
     from qsurgery.graph import WEIGHT_SCALES
     from qsurgery.passes.common import folded_copy
 
-    engine = sys.modules["qsurgery.repair"]
     m, calib, x, y = net
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    _keeping_every_trial(monkeypatch)
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="generic",
                remedies=["learned_rounding", "precision"], max_trials=4, progress=False)
     assert r.steps[0]["remedy"] == "learned_rounding"
@@ -157,13 +161,11 @@ def test_a_layer_kept_float_after_learned_rounding_gets_its_float_weights_back(n
 def test_a_layer_widened_after_bias_correction_gets_its_float_bias_back(net, monkeypatch):
     """Bias correction moves a layer's bias by its 4-bit grid's mean shift; widened to int8, the layer gets its
     float bias back (the old correction would now be an error of its own)."""
-    import sys
 
     from qsurgery.passes.common import folded_copy
 
-    engine = sys.modules["qsurgery.repair"]
     m, calib, x, y = net
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    _keeping_every_trial(monkeypatch)
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8",
                remedies=["bias_correction", "precision"], max_trials=3, progress=False)
     assert r.steps[0]["remedy"] == "bias_correction"
@@ -182,13 +184,11 @@ def test_a_layer_widened_after_bias_correction_gets_its_float_bias_back(net, mon
 
 def test_a_layer_widened_only_in_its_activations_keeps_its_bias_correction(net, monkeypatch):
     """a16w8 keeps a layer's 8-bit weight grid, so the bias correction fitted to it still holds and stays."""
-    import sys
 
     from qsurgery.passes.common import folded_copy
 
-    engine = sys.modules["qsurgery.repair"]
     m, calib, x, y = net
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    _keeping_every_trial(monkeypatch)
     a16 = qsurgery.Target("a16-only", "per-tensor int8 with 16-bit activations per layer",
                           formats=("int8", "a16w8"), per_channel=False, mac_cost={"int8": 1.0, "a16w8": 2.0})
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target=a16,
@@ -406,11 +406,9 @@ def test_distillation_is_tried_only_when_named(net):
 def test_weight_scales_are_chosen_before_the_steps_fitted_to_them(net, monkeypatch):
     """On a 4-bit grid the MSE weight scales come before bias correction and learned rounding, and once those
     are kept, the scales they were fitted to are no longer offered for change."""
-    import sys
 
-    engine = sys.modules["qsurgery.repair"]
     m, calib, x, y = net
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    _keeping_every_trial(monkeypatch)
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8",
                remedies=["bias_correction", "observer"], max_trials=6, progress=False)
     tried = [(t.proposal["remedy"], t.proposal["params"]) for t in r.trials]
@@ -421,10 +419,9 @@ def test_weight_scales_are_chosen_before_the_steps_fitted_to_them(net, monkeypat
 def test_precision_ranks_layers_on_float_weights_after_fitted_steps(net, monkeypatch):
     """After bias correction the graph's biases are fitted to the narrow grid: the precision ranking keeps a
     layer float on the float model's weights and biases (the reference), not on the fitted ones."""
-    import sys
 
-    engine = sys.modules["qsurgery.repair"]
     m, calib, x, y = net
+    engine = _keeping_every_trial(monkeypatch)
     seen = []
     rank = engine._rank_layers
 
@@ -433,7 +430,6 @@ def test_precision_ranks_layers_on_float_weights_after_fitted_steps(net, monkeyp
         return rank(ctx, state)
 
     monkeypatch.setattr(engine, "_rank_layers", spy)
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="w4a8",
                remedies=["bias_correction", "precision"], max_trials=2, progress=False)
     assert r.steps[0]["remedy"] == "bias_correction" and seen
@@ -444,13 +440,11 @@ def test_precision_ranks_layers_on_float_weights_after_fitted_steps(net, monkeyp
 def test_a_dense_conv_tried_after_fitted_steps_replays_them_on_the_new_model(net, monkeypatch):
     """dw_to_dense after bias correction: the dense conv goes into the float model and bias correction is done
     again on it, so the trial is the model bias_correction(dw_to_dense(model)) built by hand; priced before."""
-    import sys
 
     from qsurgery.passes import bias_correction, dw_to_dense
 
-    engine = sys.modules["qsurgery.repair"]
     m, calib, x, y = net
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    _keeping_every_trial(monkeypatch)
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8",
                remedies=["bias_correction", "dw_to_dense"], max_trials=2, progress=False)
     assert [s["remedy"] for s in r.steps] == ["dw_to_dense", "bias_correction"]
@@ -485,19 +479,17 @@ def test_a_layer_widened_in_a_rounded_block_rounds_its_block_again(monkeypatch):
     """On w4a8 learned rounding fits each block as one; widening one of its layers to int8 rounds the block's
     other layers again with it (they had made up for its 4-bit grid), and leaves the other blocks alone."""
     import functools
-    import sys
 
     from test_techniques import _BlockNet
 
     from qsurgery.graph import WEIGHT_SCALES
 
-    engine = sys.modules["qsurgery.repair"]
     torch.manual_seed(0)
     m = _BlockNet().eval()
     calib, x = [images(16), images(16)], images(64)
     with torch.no_grad():
         y = m(x).argmax(1)
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    engine = _keeping_every_trial(monkeypatch)
     monkeypatch.setattr(engine, "_ranking", lambda ctx, state: {"blocks.0.dw": 1.0})
     rounding = sys.modules["qsurgery.passes.learned_rounding"]
     monkeypatch.setattr(rounding, "learned_rounding", functools.partial(rounding.learned_rounding, iters=30))
