@@ -24,6 +24,7 @@ from calibration import batches
 
 import qsurgery
 from qsurgery.data import distill_images
+from qsurgery.evaluate import agreement, kl_divergence, top1
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     graph, xe, ye = s.graph, s.xe, s.ye
     with torch.no_grad():
         ref = torch.cat([graph(b) for b in batches(xe)])
-    float_top1 = 100 * (ref.argmax(1) == ye).float().mean().item()
+    float_top1 = 100 * top1(ref, ye)
     print(f"# data-free calibration, real EfficientNet-Lite0; {len(xe)} held-out photos (1 image = "
           f"{100 / len(xe):.2f} pt), float top-1 {float_top1:.2f} %", flush=True)
 
@@ -49,10 +50,7 @@ def main() -> None:
         sim, plan = qsurgery.quantize(graph, batches(x), config, progress=False)
         with torch.no_grad():
             out = torch.cat([sim(b) for b in batches(xe)])
-        acc = 100 * (out.argmax(1) == ye).float().mean().item()
-        agree = 100 * (out.argmax(1) == ref.argmax(1)).float().mean().item()
-        kl = torch.nn.functional.kl_div(out.log_softmax(1), ref.log_softmax(1), log_target=True,
-                                        reduction="batchmean").item()
+        acc, agree, kl = 100 * top1(out, ye), 100 * agreement(ref, out), kl_divergence(ref, out)
         widths = {layer.name: layer.clip[1] - layer.clip[0] for layer in plan if layer.clip is not None}
         return acc, agree, kl, widths
 
