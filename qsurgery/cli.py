@@ -47,7 +47,7 @@ def _prepare(args: argparse.Namespace):
 
     seed = getattr(args, "seed", 0)
     torch.manual_seed(seed)
-    model = create_model(args.model, checkpoint=args.checkpoint)
+    model = create_model(args.model, checkpoint=args.checkpoint).to(args.device)
     transform = model_transform(model, input_size=args.input_size)
     if args.data:
         dataset = ImageFolder(args.data, transform)
@@ -74,7 +74,7 @@ def _prepare(args: argparse.Namespace):
         eval_set = sample_images(args.eval if args.eval > 0 else 64, transform, seed=2 + 2 * seed)
         source = (f"built-in sample photos (random crops; {len(calib_set)} calibration / {len(eval_set)} "
                   "evaluation, unlabeled)")
-    example = calib_set[0][0].unsqueeze(0)
+    example = calib_set[0][0].unsqueeze(0).to(args.device)
     graph = capture(model, example)
     return model, calib_set, eval_set, source, graph, _config(args)
 
@@ -280,6 +280,8 @@ def _add_common(q: argparse.ArgumentParser) -> None:
                    help="device target (see qsurgery.TARGETS); int8: generic int8 without float layers")
     q.add_argument("--keep-float", action="append", default=[], metavar="LAYER",
                    help="keep this layer (name or glob) float; repeatable")
+    q.add_argument("--device", default="cpu", help="where the model runs: cpu (default), cuda, cuda:N or mps; "
+                   "the ONNX export and its verification run on the CPU")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -407,7 +409,7 @@ def _repair_detector(args: argparse.Namespace) -> int:
           f"budget   at most {args.budget} point(s) of {metric.__name__} below float", flush=True)
     x, positions = metric.images(args.batch_size)
     calib = [x[i:i + args.batch_size] for i in range(0, args.calib, args.batch_size)]
-    result = repair(spec.model.eval(), calib, (x[args.calib:], positions[args.calib:]),
+    result = repair(spec.model.eval().to(args.device), calib, (x[args.calib:], positions[args.calib:]),
                     budget=Budget(args.budget, metric, args.max_cost), target=target, remedies=args.remedy or None,
                     selection=args.selection, max_trials=args.max_trials, out_dir=args.out, seed=args.seed,
                     batch_size=args.batch_size, executor=args.executor, progress=not args.quiet)
@@ -517,6 +519,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
         args.executor = get_executor(args.ray, workers=args.workers)
     else:
         args.executor = None
+    _check_device(getattr(args, "device", "cpu"))
     for name in ("calib", "batch_size"):
         if getattr(args, name, 1) < 1:
             raise QSurgeryError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -545,6 +548,30 @@ def _check_arguments(args: argparse.Namespace) -> None:
         print(f"warning: --metric top1 on {args.sens_images} images moves in steps of {100 / args.sens_images:.1f} "
               "points; layers whose effect is smaller rank at 0 (--metric kl ranks them on any count)",
               file=sys.stderr)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a --device this machine does not have, before any model is loaded."""
+    if device == "cpu":
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise QSurgeryError(f"--device {device}: not a device name ({exc}); use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QSurgeryError(f"--device {device}: this torch sees no CUDA GPU (torch.cuda.is_available() is "
+                                "False: no GPU, no driver, or a CPU-only torch build); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise QSurgeryError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                                f"numbered from 0")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise QSurgeryError(f"--device {device}: MPS (Apple GPU) is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise QSurgeryError(f"--device {device}: qsurgery runs on cpu, cuda or mps, not {dev.type}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import QSurgeryError
-from .graph import set_module
+from .graph import device_of, set_module
 from .quant.config import TensorFormat
 from .quant.observers import weight_integers
 from .quant.simulate import ActQuantizer, SimulatedModel
@@ -335,7 +335,10 @@ def export_onnx(model: nn.Module, path: str | Path, example_inputs: torch.Tensor
     """
     import onnx
 
-    example = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    example = tuple(t.cpu() for t in ((example_inputs,) if isinstance(example_inputs, torch.Tensor)
+                                      else tuple(example_inputs)))
+    if device_of(model).type != "cpu":  # the exporter and onnxruntime run on the CPU: a CPU copy is written
+        model = copy.deepcopy(model).cpu()
     is_sim = isinstance(model, SimulatedModel)
     qdq = is_sim if qdq is None else qdq
     if qdq and not is_sim:

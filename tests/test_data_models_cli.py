@@ -178,6 +178,20 @@ def test_cli_refuses_bad_arguments_before_any_work(argv, message, tmp_path, caps
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device, message", [
+    ("cuda", "sees no CUDA GPU"), ("cuda:1", "has 1 CUDA GPU(s)"), ("gpu0", "not a device name"),
+    ("xla", "runs on cpu, cuda or mps, not xla"),
+])
+def test_cli_refuses_a_device_this_machine_lacks_before_loading_the_model(device, message, monkeypatch, capsys):
+    import qsurgery.models
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: device == "cuda:1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(qsurgery.models, "create_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert main(["quantize", "--device", device, "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_seed_draws_other_builtin_images_and_the_same_ones_again():
     from qsurgery.cli import _prepare, build_parser
 

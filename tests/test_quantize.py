@@ -149,6 +149,22 @@ def test_all_float_simulation_equals_the_float_graph_and_toggles_work():
     assert sim.quantized_names() == plan.names()
 
 
+def test_moving_a_simulated_model_moves_the_weights_it_keeps_to_toggle():
+    """``sim.to(...)`` (a device, a dtype) moves the float and quantized weights ``set_quantized`` swaps in and
+    the analysis reads, not only the modules: a model moved to a GPU must not keep half its state on the CPU."""
+    m = small_model()
+    x = torch.randn(4, 3, 12, 12)
+    graph = capture(m, x)
+    sim, _ = quantize(graph, x, progress=False)
+    moved = sim.to(torch.float64)
+    assert moved is sim
+    assert all(t.dtype == torch.float64 for name in sim.plan.names() if sim.weights(name) for t in sim.weights(name))
+    with torch.no_grad():
+        sim.set_quantized(None, False)
+        off = sim(x.double())
+    assert off.dtype == torch.float64 and torch.allclose(off, graph.double()(x.double()), atol=1e-9)
+
+
 def test_user_graph_and_model_unchanged_by_quantize():
     m = small_model()
     x = torch.randn(2, 3, 12, 12)

@@ -79,6 +79,14 @@ class SimulatedModel(nn.Module):
         self._quant_weights = quant_weights
         self._enabled = {name: True for name in plan.names()}
 
+    def _apply(self, fn: Any, recurse: bool = True) -> SimulatedModel:
+        """``.to(device)``, ``.cpu()``, ``.double()`` move the kept float and quantized weights too (they are
+        plain tensors beside the modules, which ``set_quantized`` swaps in)."""
+        super()._apply(fn, recurse)
+        self._float_weights = {k: fn(v) for k, v in self._float_weights.items()}
+        self._quant_weights = {k: fn(v) for k, v in self._quant_weights.items()}
+        return self
+
     def forward(self, *args: Any) -> Any:
         return self.graph_module(*args)
 
