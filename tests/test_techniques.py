@@ -11,7 +11,7 @@ import qsurgery
 from qsurgery import QuantConfig
 from qsurgery.errors import CalibrationError, ConfigError
 from qsurgery.graph import WEIGHT_SCALES, ChannelClip
-from qsurgery.passes import bias_correction, distill_quantized, equalize, find_pairs, learned_rounding
+from qsurgery.passes import absorb_high_bias, bias_correction, distill_quantized, equalize, find_pairs, learned_rounding
 
 
 class DepthwiseNet(nn.Module):
@@ -122,6 +122,58 @@ def test_equalize_is_exact_on_real_architectures(name):
     assert result.float_error < 1e-4, name
     if name != "resnet18":
         assert result.changes, name  # every depthwise family has pairs
+    absorbed = absorb_high_bias(result.graph, [x], check_data=[torch.randn(2, 3, 64, 64) * 2])
+    assert absorbed.float_error < 1e-4, name  # exact on inputs other than those that set the floors
+
+
+class HighFloorNet(nn.Module):
+    """conv -> BN -> act -> 1x1 conv -> BN -> act -> 3x3 conv -> pool -> linear, with a known defect: half of
+    the first activation's channels never fall below ~4.5 (BN bias 5.5, small spread) while the others stay
+    under ~1.5, so the activation's grid spends most of its steps on values that never occur."""
+
+    def __init__(self, act: type = nn.ReLU):
+        super().__init__()
+        self.c1, self.b1, self.a1 = nn.Conv2d(3, 16, 1), nn.BatchNorm2d(16), act()
+        self.pw, self.b2, self.a2 = nn.Conv2d(16, 16, 1), nn.BatchNorm2d(16), act()
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(16, 10)
+        with torch.no_grad():
+            self.b1.bias[::2], self.b1.weight[::2] = 5.5, 0.25
+            self.b1.bias[1::2], self.b1.weight[1::2] = 0.0, 0.3
+
+    def forward(self, x):
+        x = self.a1(self.b1(self.c1(x)))
+        x = self.a2(self.b2(self.pw(x)))
+        return self.fc(self.pool(self.c3(x)).flatten(1))
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.ReLU6, nn.LeakyReLU])
+def test_high_bias_absorption_is_exact_and_narrows_the_activation_grid(act):
+    torch.manual_seed(0)
+    model = HighFloorNet(act).eval()
+    calib, test = [images(32) for _ in range(2)], images(64)
+    graph = qsurgery.capture(model, calib[0][:1])
+    before = _params(graph)
+    result = absorb_high_bias(graph, calib, check_data=[test])
+    assert result.exact and result.float_error < 1e-5  # exact on images it never measured the floors on
+    assert all(torch.equal(v, graph.state_dict()[k]) for k, v in before.items())  # input untouched
+    skipped = result.graph.meta["qsurgery_absorb_skipped"]
+    assert "c3 pads its input" in skipped["pw"]  # a 3x3 conv's zero border would break the equality
+    if act is nn.LeakyReLU:
+        assert not result.changes and "leaky" in skipped["c1"]
+        return
+    assert [(c["first"], c["second"]) for c in result.changes] == [("c1", "pw")]
+    assert result.changes[0]["channels"] >= 8 and result.changes[0]["largest_floor"] > 3
+    def c1_scale(g):
+        return float(qsurgery.quantize(g, calib, QuantConfig.int8(), progress=False)[0].quantizer("c1").scale)
+
+    assert c1_scale(result.graph) < 0.5 * c1_scale(graph)  # the grid of c1's output: [0, ~6.5] -> [0, ~2]
+    config = QuantConfig.int8()
+    for name in ("input", "pw", "c3", "pool", "fc"):  # c1's own error, the rest float
+        config = config.override(name, dtype="float")
+    assert _err(graph, result.graph, calib, test, config) < 0.75 * _err(graph, graph, calib, test, config)
+    eq = absorb_high_bias(equalize(graph).graph, calib, check_data=[test])  # after equalization too
+    assert eq.float_error < 1e-5 and eq.changes
 
 
 def test_bias_correction_removes_the_mean_shift():

@@ -7,7 +7,7 @@ from .bias_correction import bias_correction
 from .common import PassResult, distill, graph_cost
 from .distillation import distill_quantized
 from .dw_to_dense import SeparableUnit, dw_to_dense, find_separable
-from .equalize import equalize, find_pairs
+from .equalize import absorb_high_bias, equalize, find_pairs
 from .learned_rounding import learned_rounding
 from .prune import ChannelGroups, PruningSensitivity, channel_groups, prune_channels, pruning_sensitivity
 from .split_head import ChannelMerge, channel_ranges, find_heads, output_concats, split_head, split_output_concats
@@ -16,5 +16,5 @@ __all__ = ["PassResult", "graph_cost", "distill", "dw_to_dense", "find_separable
            "find_heads", "channel_ranges", "ChannelMerge", "output_concats", "split_output_concats",
            "assign_precision", "PrecisionResult",
            "prune_channels", "channel_groups", "ChannelGroups", "pruning_sensitivity", "PruningSensitivity",
-           "equalize", "find_pairs", "bias_correction", "learned_rounding",
+           "equalize", "absorb_high_bias", "find_pairs", "bias_correction", "learned_rounding",
            "distill_quantized"]

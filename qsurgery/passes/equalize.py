@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..graph import BATCHNORM_MODULES, ChannelClip, clip_bounds, is_activation
 from .common import PassResult, folded_copy, graph_cost
 
-__all__ = ["equalize", "find_pairs", "LayerPair"]
+__all__ = ["equalize", "absorb_high_bias", "find_pairs", "LayerPair"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU)
@@ -254,6 +254,120 @@ def equalize(graph: fx.GraphModule, *, relu6: Literal["clip", "skip"] = "clip", 
         result.notes.append(f"{n_clip} ReLU6/hardtanh activation(s) now clip per channel (ChannelClip): exact in "
                             "float; on a device the clip is a per-channel Min/Max")
     gm.meta["qsurgery_equalize_skipped"] = skipped
+    if check_data is not None:
+        result.float_error = _relative_change(graph, gm, check_data)
+    return result
+
+
+def _shift_free(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a scale-free op also commutes with adding a constant per channel (zero padding does not: the
+    padded border would hold 0 where the shifted model needs the shift)."""
+    if node.op == "call_module":
+        m = _module(gm, node)
+        if isinstance(m, nn.ZeroPad2d):
+            return False
+        pad = getattr(m, "padding", 0)
+        return not (isinstance(m, (nn.AvgPool1d, nn.AvgPool2d)) and any(
+            p != 0 for p in (pad if isinstance(pad, tuple) else (pad,))) and m.count_include_pad)
+    if node.op == "call_function" and node.target in (F.pad, F.avg_pool1d, F.avg_pool2d):
+        return False
+    return True
+
+
+def _reads_without_padding(m: nn.Module) -> bool:
+    """A layer whose every output sees only real inputs (a linear layer, or a 1x1 conv without padding): adding
+    a constant to its input then moves its output by that constant times its weights, border included."""
+    if isinstance(m, nn.Linear):
+        return True
+    pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+    return (type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d) and all(k == 1 for k in m.kernel_size)
+            and pad != ("same",) and all(p == 0 for p in pad if isinstance(p, int)))
+
+
+def absorb_high_bias(graph: fx.GraphModule, calib_data: Any, *, check_data: Any = None) -> PassResult:
+    """A BN-folded copy of ``graph`` where each ``conv1 -> ReLU/ReLU6/clip -> conv2`` pair moves the part of
+    ``conv1``'s output that never falls below a floor into ``conv2``'s bias (high-bias absorption, Nagel et al.
+    2019): an activation channel whose values stay in ``[c, hi]`` becomes ``[0, hi - c]`` and ``conv2``'s bias
+    gains ``W2 @ c``, so the activation range a per-tensor quantizer must cover shrinks.
+
+    The floor ``c`` of each channel is the smallest value its activation took on ``calib_data`` (input batches,
+    no labels), where that is above zero. Exact in float for every input, not only the calibration ones: the
+    activation becomes a per-channel clip with both bounds moved by ``c`` (a ReLU's lower bound becomes
+    ``-c``). Pairs where ``conv2`` pads its input (a 3x3 depthwise conv) or zero padding sits between the two
+    are left alone: the padded border would break the equality."""
+    from ..quant.simulate import graph_inputs
+
+    gm = folded_copy(graph)
+    pairs, _ = find_pairs(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    chosen: list[LayerPair] = []
+    skipped: dict[str, str] = {}
+    for p in pairs:
+        if p.act_node is None:
+            skipped[p.first] = "no activation between the layers: there is no floor to move"
+            continue
+        path, cur = [], nodes[p.act_node]
+        while True:
+            cur = _single_user(cur)
+            if cur is None or (cur.op == "call_module" and cur.target == p.second):
+                break
+            path.append(cur)
+        if not _reads_without_padding(gm.get_submodule(p.second)):
+            skipped[p.first] = f"{p.second} pads its input (the border would see 0, not the moved floor)"
+        elif not all(_shift_free(gm, n) for n in path):
+            skipped[p.first] = f"zero padding between {p.first} and {p.second}"
+        else:
+            chosen.append(p)
+    floors: dict[str, torch.Tensor] = {}
+
+    def keep_min(name: str):
+        def hook(_m, _i, out: torch.Tensor) -> None:
+            low = out.detach().transpose(0, 1).reshape(out.shape[1], -1).amin(1)
+            floors[name] = low if name not in floors else torch.minimum(floors[name], low)
+        return hook
+
+    hooks = [gm.get_submodule(p.first).register_forward_hook(keep_min(p.first)) for p in chosen]
+    try:
+        with torch.no_grad():
+            for batch in graph_inputs(gm, calib_data, what="calibration"):
+                gm(*batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    result = PassResult(gm, exact=True, cost_before=graph_cost(graph), cost_after=graph_cost(gm))
+    for i, p in enumerate(chosen):
+        node = nodes[p.act_node]
+        a, b = gm.get_submodule(p.first), gm.get_submodule(p.second)
+        act = _module(gm, node)
+        if isinstance(act, ChannelClip):
+            lo, hi = act.lo, act.hi
+        elif clip_bounds(gm, node) is not None:  # ReLU: (0, inf); ReLU6 / hardtanh: their bounds
+            lo_, hi_ = clip_bounds(gm, node)
+            lo = torch.full((p.channels,), lo_, device=a.weight.device)
+            hi = torch.full((p.channels,), hi_, device=a.weight.device)
+        else:
+            skipped[p.first] = f"{p.act_node} lets negative values through (leaky): no floor"
+            continue
+        c = torch.minimum(torch.maximum(floors[p.first].to(lo), lo), hi)
+        c = torch.where(c > 0, c, torch.zeros_like(c))
+        if not bool((c > 0).any()):
+            continue
+        clip = ChannelClip(lo - c, hi - c)
+        name = f"qsurgery_absorb{i}"
+        gm.add_module(name, clip)
+        node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
+        c_w = c.to(a.weight.dtype)
+        a.bias = nn.Parameter(((a.bias.detach() if a.bias is not None else torch.zeros_like(c_w)) - c_w).clone())
+        groups, per_in, per_out = _in_index(b)
+        w = b.weight.detach().reshape(groups, per_out, per_in, -1).sum(-1)
+        gain = torch.einsum("gop,gp->go", w, c_w.reshape(groups, per_in)).reshape(-1)
+        b.bias = nn.Parameter(((b.bias.detach() if b.bias is not None else torch.zeros_like(gain)) + gain).clone())
+        result.changes.append({"first": p.first, "second": p.second, "channels": int((c > 0).sum()),
+                               "largest_floor": float(c.max())})
+    gm.graph.lint()
+    gm.recompile()
+    result.notes.append(f"{len(result.changes)} pair(s) absorbed a floor; {len(skipped)} left alone")
+    gm.meta["qsurgery_absorb_skipped"] = skipped
     if check_data is not None:
         result.float_error = _relative_change(graph, gm, check_data)
     return result
