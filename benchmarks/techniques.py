@@ -1,5 +1,5 @@
-"""Techniques for strict devices on the real EfficientNet-Lite0: equalization, bias correction, learned rounding,
-quantization-aware distillation.
+"""Techniques for strict devices on the real EfficientNet-Lite0: equalization (with high-bias absorption), bias
+correction, learned rounding, quantization-aware distillation.
 
 For each regime (W8 per-channel / A8, W8 per-tensor / A8, power-of-two per-tensor W8/A8, W4 per-channel / A8
 with the first and last layer 8-bit) and each combination of techniques: top-1, drop, agreement and KL
@@ -23,7 +23,7 @@ from _lite0 import load_lite0
 import qsurgery
 from qsurgery import QuantConfig
 from qsurgery.evaluate import kl_divergence
-from qsurgery.passes import bias_correction, distill_quantized, equalize, learned_rounding
+from qsurgery.passes import absorb_high_bias, bias_correction, distill_quantized, equalize, learned_rounding
 
 
 def regimes() -> list[tuple[str, QuantConfig]]:
@@ -40,8 +40,8 @@ def regimes() -> list[tuple[str, QuantConfig]]:
              w4_mse.override("*conv_dw", weight_bits=8))]
 
 
-ROWS = ["plain", "+equalization", "+bias correction", "+both", "+learned rounding", "+all", "+distillation",
-        "+all +distillation"]
+ROWS = ["plain", "+equalization", "+equalization +absorption", "+bias correction", "+both", "+learned rounding",
+        "+all", "+all +absorption", "+distillation", "+all +distillation"]
 
 
 def _print_weight_share(sim, plan) -> None:
@@ -121,11 +121,15 @@ def main() -> None:
                 continue
             t = time.perf_counter()
             g, secs = d.graph, 0.0  # secs: the row's technique time, shared steps counted in every row using them
-            full = row in ("+all", "+all +distillation")
-            if row in ("+equalization", "+both") or full:
+            full = row in ("+all", "+all +distillation", "+all +absorption")
+            if row in ("+equalization", "+both", "+equalization +absorption") or full:
                 g, secs = _cached(cache, "eq", lambda: equalize(d.graph).graph)
+            absorbed = "+absorption" in row
+            if absorbed:  # high-bias absorption: the floors measured on the calibration images
+                g, s_abs = _cached(cache, "eq+abs", lambda g=g: absorb_high_bias(g, d.calib).graph)
+                secs += s_abs
             if full:
-                g, s_lr = _cached(cache, "eq+lr", lambda g=g, cfg=cfg: learned_rounding(
+                g, s_lr = _cached(cache, "eq+abs+lr" if absorbed else "eq+lr", lambda g=g, cfg=cfg: learned_rounding(
                     g, d.calib, cfg, iters=args.iters, pool=args.lr_pool, through_clip=not args.lr_no_clip,
                     blocks=args.lr_blocks, progress=False).graph)
                 secs += s_lr

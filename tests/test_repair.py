@@ -392,6 +392,20 @@ def test_repairs_a_detector_head_to_a_callable_metric_and_keeps_its_outputs(tmp_
     assert r16.steps[0]["remedy"] == "split_head" and any(t.proposal["remedy"] == "precision" for t in r16.trials)
 
 
+def test_high_bias_absorption_is_tried_when_named_after_equalization_and_keeps_the_model_exact(net, monkeypatch):
+    m, calib, x, y = net
+    assert not qsurgery.REMEDIES["absorb_high_bias"].default
+    _keeping_every_trial(monkeypatch)
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8",
+               remedies=["absorb_high_bias", "equalize"], progress=False, max_trials=3)
+    assert [t.proposal["remedy"] for t in r.trials] == ["equalize", "absorb_high_bias"]  # after it, once
+    with torch.no_grad():  # both exact: the repaired graph still computes the float model
+        assert torch.allclose(r.graph(x), m(x), rtol=1e-4, atol=1e-4)
+    plain = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=["observer"],
+                   progress=False, max_trials=2)
+    assert all(t.proposal["remedy"] != "absorb_high_bias" for t in plain.trials)
+
+
 def test_distillation_is_tried_only_when_named(net):
     m, calib, x, y = net
     assert not qsurgery.REMEDIES["distillation"].default
