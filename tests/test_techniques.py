@@ -174,6 +174,8 @@ def test_high_bias_absorption_is_exact_and_narrows_the_activation_grid(act):
     assert _err(graph, result.graph, calib, test, config) < 0.75 * _err(graph, graph, calib, test, config)
     eq = absorb_high_bias(equalize(graph).graph, calib, check_data=[test])  # after equalization too
     assert eq.float_error < 1e-5 and eq.changes
+    twice = absorb_high_bias(result.graph, calib, check_data=[test])  # on its own output: still exact
+    assert twice.float_error < 1e-5
 
 
 def test_bias_correction_removes_the_mean_shift():

@@ -352,10 +352,14 @@ def absorb_high_bias(graph: fx.GraphModule, calib_data: Any, *, check_data: Any 
         c = torch.where(c > 0, c, torch.zeros_like(c))
         if not bool((c > 0).any()):
             continue
-        clip = ChannelClip(lo - c, hi - c)
-        name = f"qsurgery_absorb{i}"
-        gm.add_module(name, clip)
-        node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
+        if isinstance(act, ChannelClip):  # this copy's own module: its bounds move in place
+            act.lo.sub_(c)
+            act.hi.sub_(c)
+        else:
+            name = next(f"qsurgery_absorb{k}" for k in range(i, i + len(nodes) + 1)
+                        if not hasattr(gm, f"qsurgery_absorb{k}"))
+            gm.add_module(name, ChannelClip(lo - c, hi - c))
+            node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
         c_w = c.to(a.weight.dtype)
         a.bias = nn.Parameter(((a.bias.detach() if a.bias is not None else torch.zeros_like(c_w)) - c_w).clone())
         groups, per_in, per_out = _in_index(b)
