@@ -999,7 +999,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     labels for ``top1`` (a ``(inputs, labels)`` pair of tensors, a Dataset or batches); ``selection`` of
     them (seeded) decide, the rest report; with ``report_data`` (a fixed test set) all of ``eval_data``
     decides and ``report_data`` reports. ``remedies``: names from :data:`REMEDIES` (default: every one
-    the target allows, except those registered ``default=False``: ``distillation``, minutes per trial). A
+    the target allows, except those registered ``default=False``: ``distillation`` and ``dw_to_dense``,
+    minutes per trial; ``absorb_high_bias``, which did not pay on EfficientNet-Lite0). A
     trial is kept when it lowers the selection KL by at least ``min_gain`` (relative) and, if it costs, by
     more than the budget's ``z`` standard errors of its per-image falls; on a callable metric (mAP) when the
     metric rises, or stays while the distance from float falls by ``min_gain``.
