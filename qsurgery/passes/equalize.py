@@ -54,6 +54,7 @@ class LayerPair:
     activation: str
     act_node: str | None
     channels: int
+    between: tuple[str, ...] = ()  # the scale-free ops between the activation (or ``first``) and ``second``
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -112,7 +113,9 @@ def _pair_from(gm: fx.GraphModule, node: fx.Node, relu6: str) -> tuple[LayerPair
             return None, f"the activation {nxt.name!r} clips (relu6='skip')"
         act_node, cur = nxt.name, nxt
         nxt = _single_user(cur)
+    between = []
     while nxt is not None and _scale_free(gm, nxt) and nxt.args and nxt.args[0] is cur:
+        between.append(nxt.name)
         cur, nxt = nxt, _single_user(nxt)
     if nxt is None:
         return None, f"its output reaches {len(cur.users)} ops (a branch or residual): no single next layer"
@@ -122,7 +125,7 @@ def _pair_from(gm: fx.GraphModule, node: fx.Node, relu6: str) -> tuple[LayerPair
     n_in = second.in_features if isinstance(second, nn.Linear) else second.in_channels
     if n_in != channels or _channels_at(cur) not in (None, channels):
         return None, f"{nxt.target!r} does not read the {channels} channels one to one"
-    return LayerPair(node.target, nxt.target, act_kind, act_node, channels), ""
+    return LayerPair(node.target, nxt.target, act_kind, act_node, channels, tuple(between)), ""
 
 
 def find_pairs(graph: fx.GraphModule, *, relu6: Literal["clip", "skip"] = "clip"
@@ -187,7 +190,8 @@ def _channel_clip(gm: fx.GraphModule, node: fx.Node, channels: int, index: int) 
     lo, hi = clip_bounds(gm, node)
     device = next(gm.parameters()).device
     clip = ChannelClip(torch.full((channels,), lo, device=device), torch.full((channels,), hi, device=device))
-    name = f"qsurgery_clip{index}"
+    name = next(f"qsurgery_clip{k}" for k in range(index, index + len(gm.graph.nodes) + 1)
+                if not hasattr(gm, f"qsurgery_clip{k}"))  # never over a module already there
     gm.add_module(name, clip)
     node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
     return clip
@@ -306,15 +310,9 @@ def absorb_high_bias(graph: fx.GraphModule, calib_data: Any, *, check_data: Any 
         if p.act_node is None:
             skipped[p.first] = "no activation between the layers: there is no floor to move"
             continue
-        path, cur = [], nodes[p.act_node]
-        while True:
-            cur = _single_user(cur)
-            if cur is None or (cur.op == "call_module" and cur.target == p.second):
-                break
-            path.append(cur)
         if not _reads_without_padding(gm.get_submodule(p.second)):
             skipped[p.first] = f"{p.second} pads its input (the border would see 0, not the moved floor)"
-        elif not all(_shift_free(gm, n) for n in path):
+        elif not all(_shift_free(gm, nodes[n]) for n in p.between):
             skipped[p.first] = f"zero padding between {p.first} and {p.second}"
         else:
             chosen.append(p)
@@ -339,27 +337,18 @@ def absorb_high_bias(graph: fx.GraphModule, calib_data: Any, *, check_data: Any 
         node = nodes[p.act_node]
         a, b = gm.get_submodule(p.first), gm.get_submodule(p.second)
         act = _module(gm, node)
-        if isinstance(act, ChannelClip):
-            lo, hi = act.lo, act.hi
-        elif clip_bounds(gm, node) is not None:  # ReLU: (0, inf); ReLU6 / hardtanh: their bounds
-            lo_, hi_ = clip_bounds(gm, node)
-            lo = torch.full((p.channels,), lo_, device=a.weight.device)
-            hi = torch.full((p.channels,), hi_, device=a.weight.device)
-        else:
+        bounds = (act.lo, act.hi) if isinstance(act, ChannelClip) else clip_bounds(gm, node)
+        if bounds is None:
             skipped[p.first] = f"{p.act_node} lets negative values through (leaky): no floor"
             continue
-        c = torch.minimum(torch.maximum(floors[p.first].to(lo), lo), hi)
+        lo, hi = (torch.as_tensor(b).to(floors[p.first]) for b in bounds)
+        c = torch.minimum(torch.maximum(floors[p.first], lo), hi)
         c = torch.where(c > 0, c, torch.zeros_like(c))
         if not bool((c > 0).any()):
-            continue
-        if isinstance(act, ChannelClip):  # this copy's own module: its bounds move in place
-            act.lo.sub_(c)
-            act.hi.sub_(c)
-        else:
-            name = next(f"qsurgery_absorb{k}" for k in range(i, i + len(nodes) + 1)
-                        if not hasattr(gm, f"qsurgery_absorb{k}"))
-            gm.add_module(name, ChannelClip(lo - c, hi - c))
-            node.op, node.target, node.args, node.kwargs = "call_module", name, (node.args[0],), {}
+            continue  # the activation is left as it is (a ReLU stays one)
+        clip = _channel_clip(gm, node, p.channels, i)  # this copy's own module; a ReLU or ReLU6 becomes one
+        clip.lo.sub_(c.to(clip.lo))
+        clip.hi.sub_(c.to(clip.hi))
         c_w = c.to(a.weight.dtype)
         a.bias = nn.Parameter(((a.bias.detach() if a.bias is not None else torch.zeros_like(c_w)) - c_w).clone())
         groups, per_in, per_out = _in_index(b)
