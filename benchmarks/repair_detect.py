@@ -9,7 +9,15 @@ mAP@0.5, cost relative to all-int8, share of MACs in int8, the accepted steps, t
 report image moves mAP by far less than a classifier's 1/64 (it is a ranking over every box), but the 64
 report images themselves are a small sample: compare with the fold swap.
 
+``--draws K`` repeats each run with K calibration draws (draw 0: the half's first ``--n-calib`` images; draw k:
+a seeded permutation of the half), the rest of the half selecting, and ends with each detector/fold/target's mean
+paired difference, repaired minus plain int8 on the same report images, over the draws, with its 95 % t-interval.
+Every row also says how the selection images judged the accepted steps: the smallest change of the selection mAP
+that a kept step made (the engine keeps a step when its distance from float falls, and lets the metric veto a
+fall of two standard errors), so a kept step that cost selection mAP shows there.
+
     python benchmarks/repair_detect.py --data ../shared/data/coco128
+    python benchmarks/repair_detect.py --data ../shared/data/coco128 --detectors yolov5n --targets full-int8 --draws 6
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ def main() -> None:
     ap.add_argument("--n-calib", type=int, default=32, help="calibration images of the 64 (the rest select)")
     ap.add_argument("--max-trials", type=int, default=12)
     ap.add_argument("--remedies", nargs="*", help="remedy names (default: every one the target allows)")
+    ap.add_argument("--draws", type=int, default=1, help="calibration draws per fold (0: the half's first images)")
     ap.add_argument("--out", type=Path, default=Path("out/repair_detect"),
                     help="folder for each run's repair report (every trial, decided on the selection images)")
     args = ap.parse_args()
@@ -45,9 +54,10 @@ def main() -> None:
     torch.manual_seed(0)
     data = CocoImages(Path(args.data) / "train2017")
     print(f"# {len(data)} coco128 images; {torch.get_num_threads()} CPU threads; budget {args.budget} mAP point(s)\n")
-    print("| detector | fold | target | float mAP / @.5 | int8 mAP / @.5 | repaired mAP / @.5 | cost | MACs int8 | "
-          "steps | trials | s |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    print("| detector | fold | target | draw | float mAP / @.5 | int8 mAP / @.5 | repaired mAP / @.5 | paired diff | "
+          "cost | MACs int8 | steps | least sel. change of a kept step | trials | s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|")
+    diffs: dict[tuple, list[float]] = {}
     for name in args.detectors:
         det = load_detector(name)
         metric = DetectionMetric(data, det.decode, size=det.size, stretch=det.stretch)
@@ -57,25 +67,52 @@ def main() -> None:
         for fold in args.folds:
             first, second = torch.arange(half), torch.arange(half, len(data))
             dev, rep = (first, second) if fold == 0 else (second, first)
-            calib_idx, sel_idx = dev[:args.n_calib], dev[args.n_calib:]
-            calib = [x[calib_idx[i:i + 8]] for i in range(0, len(calib_idx), 8)]
-            for target in args.targets:
-                t = time.perf_counter()
-                r = qsurgery.repair(graph, calib, (x[sel_idx], pos[sel_idx]), report_data=(x[rep], pos[rep]),
-                                    budget=qsurgery.Budget(args.budget, metric), target=target,
-                                    remedies=args.remedies, max_trials=args.max_trials, batch_size=8,
-                                    progress=False)
-                secs = time.perf_counter() - t
-                args.out.mkdir(parents=True, exist_ok=True)
-                (args.out / f"{name}_fold{fold}_{target}.md").write_text(r.to_markdown())
-                sim0, _ = qsurgery.quantize(graph, calib, qsurgery.get_target(target).config(), progress=False)
-                f50, b50, r50 = (_map50(metric, m, x[rep], pos[rep]) for m in (graph, sim0, r.model))
-                rr = r.report
-                steps = ", ".join(s["remedy"] + (f"({s['params']})" if s["params"] else "") for s in r.steps)
-                print(f"| {name} | {fold} | {target} | {rr.float_metric:.2f} / {f50:.2f} | {rr.baseline_metric:.2f} / "
-                      f"{b50:.2f} | {rr.repaired_metric:.2f} / {r50:.2f} | x{r.relative_cost:.3f} | "
-                      f"{100 * r.default_mac_share:.1f} % | {steps or 'none'} | {len(r.trials)} | {secs:.0f} |",
-                      flush=True)
+            for draw in range(args.draws):
+                gen = torch.Generator().manual_seed(draw)
+                order = dev if draw == 0 else dev[torch.randperm(len(dev), generator=gen)]
+                calib_idx, sel_idx = order[:args.n_calib], order[args.n_calib:]
+                calib = [x[calib_idx[i:i + 8]] for i in range(0, len(calib_idx), 8)]
+                for target in args.targets:
+                    t = time.perf_counter()
+                    r = qsurgery.repair(graph, calib, (x[sel_idx], pos[sel_idx]), report_data=(x[rep], pos[rep]),
+                                        budget=qsurgery.Budget(args.budget, metric), target=target,
+                                        remedies=args.remedies, max_trials=args.max_trials, batch_size=8,
+                                        progress=False)
+                    secs = time.perf_counter() - t
+                    args.out.mkdir(parents=True, exist_ok=True)
+                    suffix = f"_draw{draw}" if draw else ""
+                    (args.out / f"{name}_fold{fold}_{target}{suffix}.md").write_text(r.to_markdown())
+                    sim0, _ = qsurgery.quantize(graph, calib, qsurgery.get_target(target).config(), progress=False)
+                    f50, b50, r50 = (_map50(metric, m, x[rep], pos[rep]) for m in (graph, sim0, r.model))
+                    rr = r.report
+                    diff = rr.repaired_metric - rr.baseline_metric
+                    diffs.setdefault((name, fold, target), []).append(diff)
+                    kept = [tr.metric_after - tr.metric_before for tr in r.trials if tr.accepted]
+                    least = f"{min(kept):+.2f}" if kept else "-"
+                    steps = ", ".join(s["remedy"] + (f"({s['params']})" if s["params"] else "") for s in r.steps)
+                    print(f"| {name} | {fold} | {target} | {draw} | {rr.float_metric:.2f} / {f50:.2f} | "
+                          f"{rr.baseline_metric:.2f} / {b50:.2f} | {rr.repaired_metric:.2f} / {r50:.2f} | "
+                          f"{diff:+.2f} | "
+                          f"x{r.relative_cost:.3f} | {100 * r.default_mac_share:.1f} % | {steps or 'none'} | {least} | "
+                          f"{len(r.trials)} | {secs:.0f} |", flush=True)
+    if args.draws > 1:
+        print("\n| detector | fold | target | draws | mean paired diff (repaired - int8), report mAP | sd | "
+              "95 % interval |")
+        print("|---|---:|---|---:|---:|---:|---|")
+        for (name, fold, target), d in diffs.items():
+            v = torch.tensor(d, dtype=torch.float64)
+            mean, sd = v.mean().item(), v.std().item()
+            half_width = _t975(len(d) - 1) * sd / len(d) ** 0.5
+            print(f"| {name} | {fold} | {target} | {len(d)} | {mean:+.2f} | {sd:.2f} | "
+                  f"{mean - half_width:+.2f}..{mean + half_width:+.2f} |")
+
+
+def _t975(df: int) -> float:
+    """Student's t 97.5 % point for ``df`` degrees of freedom (normal beyond 30)."""
+    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+             2.045, 2.042]
+    return table[df - 1] if 1 <= df <= len(table) else 1.96
 
 
 def _map50(metric: DetectionMetric, model, x: torch.Tensor, positions: torch.Tensor) -> float:

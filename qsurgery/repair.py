@@ -9,7 +9,8 @@ How it decides:
    the engine stops there.
 3. Otherwise every remedy the target allows proposes priced changes (cost in the target's currency, relative
    to the plain model). Free remedies (techniques that keep every layer in the target's default format) come
-   first, then the ones that cost, in order of expected gain per cost. Each trial is measured on the
+   first, the exact rewrites among them before the steps fitted to the weights those rewrites change, then the
+   ones that cost, in order of expected gain per cost. Each trial is measured on the
    selection part and kept only when the outputs moved measurably closer to float (KL divergence, the soft
    signal that sees changes top-1 on a few hundred images cannot) without breaking a cost cap; a rejected
    trial is stepped back. The loop stops when the budget holds, nothing is left to try, or ``max_trials``.
@@ -1259,13 +1260,18 @@ def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) 
 
 def _next_proposal(ctx: _Context, state: _State, names: list[str], tried: set[str], current: _Measure,
                    budget: Budget) -> Proposal | None:
-    """The proposal the engine tries next from ``state``: free remedies first, then the best expected gain per
-    unit of cost, within the cost cap; None when nothing is left."""
+    """The proposal the engine tries next from ``state``: free remedies first (exact rewrites before the steps
+    fitted to the weights), then the best expected gain per unit of cost, within the cost cap; None when nothing
+    is left."""
     proposals: list[Proposal] = []
     for n in names:
         remedy = REMEDIES[n]
         if not remedy.free and any(REMEDIES[m].free and _pending(m, ctx, state, tried) for m in names):
             continue  # costed remedies wait until the free ones are spent
+        if n in _FITTED_TO_SCALES and any(REMEDIES[m].exact and REMEDIES[m].free and _pending(m, ctx, state, tried)
+                                          for m in names):
+            continue  # steps fitted to the weights wait for the exact rewrites (equalization, a head split), which
+            # would change the weights they fit (DFQ's order: equalize, then correct the bias, then round)
         proposals += [p for p in remedy.propose(ctx, state) if p.key not in tried]
     if budget.max_cost is not None:
         over = [p for p in proposals if current.cost + p.cost > budget.max_cost]

@@ -430,6 +430,17 @@ def test_weight_scales_are_chosen_before_the_steps_fitted_to_them(net, monkeypat
     assert ("observer", {"weight_observer": "mse"}) not in tried[1:]
 
 
+def test_exact_rewrites_come_before_the_steps_fitted_to_the_weights(net):
+    """On a target where bias correction's prior is above equalization's (per-channel weights), equalization is
+    still tried first: bias correction and learned rounding fit the weights that equalization would rescale."""
+
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="generic",
+               remedies=["bias_correction", "equalize", "learned_rounding"], max_trials=3, progress=False)
+    tried = [t.proposal["remedy"] for t in r.trials]
+    assert tried[0] == "equalize" and set(tried[1:]) == {"bias_correction", "learned_rounding"}
+
+
 def test_precision_ranks_layers_on_float_weights_after_fitted_steps(net, monkeypatch):
     """After bias correction the graph's biases are fitted to the narrow grid: the precision ranking keeps a
     layer float on the float model's weights and biases (the reference), not on the fitted ones."""
