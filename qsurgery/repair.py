@@ -836,15 +836,23 @@ class RepairResult:
                   f"{self.default_format}; "
                 + ("budget met on the selection images" if self.reached else "BUDGET NOT MET: best model found"))
 
+    def _distance_name(self) -> str:
+        """What the one distance from float is for this budget's metric (detectors bring their own)."""
+        return "distance" if callable(getattr(self.budget.metric, "distance", None)) else "KL"
+
     def to_markdown(self) -> str:
         r, s = self.report, self.selection
+        dist = self._distance_name()
+        agreement = ([] if math.isnan(r.baseline_agreement) else
+                     [f"| agreement with float, report | 100 | {r.baseline_agreement:.2f} | "
+                      f"{r.repaired_agreement:.2f} |"])
         lines = [f"# Repair on `{self.target}`, budget {self.budget.max_drop} pt of {self.budget.metric_name}", "",
                  self.headline(), "",
                  "| | float | plain | repaired |", "|---|---:|---:|---:|",
                  f"| {self.budget.metric_name}, report ({r.images} images) | {r.float_metric:.2f} | "
                  f"{r.baseline_metric:.2f} | {r.repaired_metric:.2f} |",
-                 f"| agreement with float, report | 100 | {r.baseline_agreement:.2f} | {r.repaired_agreement:.2f} |",
-                 f"| KL from float, report | 0 | {r.baseline_kl:.3g} | {r.repaired_kl:.3g} |",
+                 *agreement,
+                 f"| {dist} from float, report | 0 | {r.baseline_kl:.3g} | {r.repaired_kl:.3g} |",
                  f"| {self.budget.metric_name}, selection ({s['images']} images) | {s['float']:.2f} | "
                  f"{s['baseline']:.2f} | {s['repaired']:.2f} |", "",
                  f"The budget is judged on the selection images: drop + {self.budget.z:.2f} standard errors = "
@@ -852,7 +860,7 @@ class RepairResult:
                  f"against {self.budget.max_drop}.", "",
                  f"Accepted steps: {', '.join(_step_text(x) for x in self.steps) or 'none'}.", "",
                  f"Cost on the target: {self.cost.summary()}", "", "## Trials (decided on the selection images)", "",
-                 "| # | remedy | params | metric | KL | cost | kept | why | s |",
+                 f"| # | remedy | params | metric | {dist} | cost | kept | why | s |",
                  "|---:|---|---|---:|---:|---:|---|---|---:|"]
         for i, t in enumerate(self.trials, 1):
             lines.append(f"| {i} | {t.proposal['remedy']} | {json.dumps(t.proposal['params'])} | "
@@ -867,7 +875,7 @@ class RepairResult:
         return "\n".join(lines) + "\n"
 
     def plot(self, path: str | Path) -> Path:
-        """Selection metric and KL after each trial (kept trials joined)."""
+        """The selection images' distance from float (KL, or the metric's own) after each trial, kept ones joined."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -881,7 +889,7 @@ class RepairResult:
         ax.plot(kept, [kl[i] for i in kept], "o-", c="#c0504d", label="kept")
         ax.set_yscale("log")
         ax.set_xlabel("trial")
-        ax.set_ylabel("KL from float (selection images)")
+        ax.set_ylabel(f"{self._distance_name()} from float (selection images)")
         ax.set_title(f"repair on {self.target}")
         ax.legend()
         fig.tight_layout()

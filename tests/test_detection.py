@@ -479,6 +479,8 @@ def test_cli_repairs_a_detector_on_a_coco_folder(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code in (0, 1) and "mAP@0.5:0.95" in text and "onnx" in text
     assert (out / "report.md").is_file() and (out / "repaired_qdq.onnx").is_file()
+    report = (out / "report.md").read_text()  # boxes have no top-1 to agree on: no NaN row, the distance named
+    assert "nan" not in report and "| distance from float, report |" in report and "agreement" not in report
     (tmp_path / "plain").mkdir()
     assert main(["repair", "--task", "detect", "--model", "test_detection:tiny_detector", "--data",
                  str(tmp_path / "plain"), "--out", str(tmp_path / "o2")]) == 2
