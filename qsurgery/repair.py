@@ -1238,18 +1238,18 @@ def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) 
     a few hundred images moves in coarse steps), and where the change costs, its per-image falls must average
     more than ``budget.z`` standard errors (a fall within the images' noise does not pay for anything). A
     callable metric (mAP on a few dozen images) is as coarse:
-    the distance from float decides the same way, and the metric only vetoes a change that makes it worse by
-    two standard errors of the drop (random halves of the images); a change that raises the metric by two
-    is kept even where the distance rises (saturated low score logits)."""
+    the distance from float decides the same way, and the metric vetoes any change that lowers it on the
+    selection images (a kept step is never worse on the metric the budget is on, the images that decide); a
+    change that raises the metric by two standard errors of the drop (random halves of the images) is kept
+    even where the distance rises (saturated low score logits)."""
     if budget.max_cost is not None and after.cost > budget.max_cost:
         return False, f"cost x{after.cost:.3f} over the cap x{budget.max_cost}"
     fell = after.kl < current.kl * (1 - min_gain)
     if callable(budget.metric):
         noise = max(after.drop_se, current.drop_se)
-        ok = (fell and after.metric >= current.metric - 2 * noise) or after.metric > current.metric + 2 * noise
+        ok = (fell and after.metric >= current.metric) or after.metric > current.metric + 2 * noise
         why = (" (kept)" if ok else f" (needs the distance to fall by {100 * min_gain:.0f} % without the metric "
-                                    f"falling by two standard errors, {2 * noise:.2f}, or the metric to rise by "
-                                    "two)")
+                                    f"falling, or the metric to rise by two standard errors, {2 * noise:.2f})")
         return ok, (f"{budget.metric_name} {current.metric:.2f} -> {after.metric:.2f}, distance {current.kl:.4g} -> "
                     f"{after.kl:.4g}" + why)
     why = f"KL {current.kl:.4g} -> {after.kl:.4g}"

@@ -430,6 +430,24 @@ def test_weight_scales_are_chosen_before_the_steps_fitted_to_them(net, monkeypat
     assert ("observer", {"weight_observer": "mse"}) not in tried[1:]
 
 
+def test_a_callable_metric_vetoes_any_fall_of_a_step_its_distance_would_keep():
+    """Detectors: the distance from float decides, but a step that lowers the selection mAP at all is not kept,
+    even within its noise (a kept step is never worse on the images that decide); one that raises it by two
+    standard errors is kept even where the distance rises; a rise within the noise does not excuse a distance
+    that did not fall."""
+    from qsurgery.repair import _judge, _Measure
+
+    def judge(metric: float, dist: float) -> bool:
+        return _judge(_Measure(30.0, 0.010, nan, 1.0, drop_se=1.0), _Measure(metric, dist, nan, 1.0, drop_se=1.0),
+                      Budget(1.0, lambda out, positions: 0.0), 0.02)[0]
+
+    nan = float("nan")
+    assert not judge(29.9, 0.005)  # distance halved, mAP down 0.1 (well within two standard errors, 2.0)
+    assert judge(30.0, 0.005) and judge(30.4, 0.0097)
+    assert judge(32.5, 0.020)
+    assert not judge(31.0, 0.0099)
+
+
 def test_exact_rewrites_come_before_the_steps_fitted_to_the_weights(net):
     """On a target where bias correction's prior is above equalization's (per-channel weights), equalization is
     still tried first: bias correction and learned rounding fit the weights that equalization would rescale."""
