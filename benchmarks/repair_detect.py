@@ -13,8 +13,8 @@ report images themselves are a small sample: compare with the fold swap.
 a seeded permutation of the half), the rest of the half selecting, and ends with each detector/fold/target's mean
 paired difference, repaired minus plain int8 on the same report images, over the draws, with its 95 % t-interval.
 Every row also says how the selection images judged the accepted steps: the smallest change of the selection mAP
-that a kept step made (the engine keeps a step when its distance from float falls, and lets the metric veto a
-fall of two standard errors), so a kept step that cost selection mAP shows there.
+that a kept step made (the engine keeps a step when its distance from float falls and the metric does not),
+so the rule "never worse on the selection images" can be checked there.
 
     python benchmarks/repair_detect.py --data ../shared/data/coco128
     python benchmarks/repair_detect.py --data ../shared/data/coco128 --detectors yolov5n --targets full-int8 --draws 6

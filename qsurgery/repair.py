@@ -1012,7 +1012,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     minutes per trial; ``absorb_high_bias``, which did not pay on EfficientNet-Lite0). A
     trial is kept when it lowers the selection KL by at least ``min_gain`` (relative) and, if it costs, by
     more than the budget's ``z`` standard errors of its per-image falls; on a callable metric (mAP) when the
-    metric rises, or stays while the distance from float falls by ``min_gain``.
+    distance from float falls by ``min_gain`` and the metric does not fall, or the metric rises by two
+    standard errors.
     ``out_dir``: where trials are kept for resuming (and the result saved). ``executor``: where the layer
     ranking's runs go (None: this process; ``"ray"``, a Ray address or a :mod:`qsurgery.executor` executor:
     Ray workers; the same result)."""
