@@ -1273,12 +1273,12 @@ def _next_proposal(ctx: _Context, state: _State, names: list[str], tried: set[st
     fitted to the weights), then the best expected gain per unit of cost, within the cost cap; None when nothing
     is left."""
     proposals: list[Proposal] = []
+    free_pending = [m for m in names if REMEDIES[m].free and _pending(m, ctx, state, tried)]
     for n in names:
         remedy = REMEDIES[n]
-        if not remedy.free and any(REMEDIES[m].free and _pending(m, ctx, state, tried) for m in names):
+        if not remedy.free and free_pending:
             continue  # costed remedies wait until the free ones are spent
-        if n in _FITTED_TO_SCALES and any(REMEDIES[m].exact and REMEDIES[m].free and _pending(m, ctx, state, tried)
-                                          for m in names):
+        if n in _FITTED_TO_SCALES and any(REMEDIES[m].exact for m in free_pending):
             continue  # steps fitted to the weights wait for the exact rewrites (equalization, a head split), which
             # would change the weights they fit (DFQ's order: equalize, then correct the bias, then round)
         proposals += [p for p in remedy.propose(ctx, state) if p.key not in tried]

@@ -437,11 +437,12 @@ def test_a_callable_metric_vetoes_any_fall_of_a_step_its_distance_would_keep():
     that did not fall."""
     from qsurgery.repair import _judge, _Measure
 
+    nan = float("nan")  # boxes have no top-1 agreement
+
     def judge(metric: float, dist: float) -> bool:
         return _judge(_Measure(30.0, 0.010, nan, 1.0, drop_se=1.0), _Measure(metric, dist, nan, 1.0, drop_se=1.0),
                       Budget(1.0, lambda out, positions: 0.0), 0.02)[0]
 
-    nan = float("nan")
     assert not judge(29.9, 0.005)  # distance halved, mAP down 0.1 (well within two standard errors, 2.0)
     assert judge(30.0, 0.005) and judge(30.4, 0.0097)
     assert judge(32.5, 0.020)
