@@ -248,8 +248,7 @@ def _measure(ctx: _Context, state: _State, sim: SimulatedModel | None = None) ->
     out = _outputs(sim, ctx.sel_x, ctx.batch_size, state.merge)
     pc = plan_cost(state.graph, plan, ctx.target)
     each = None
-    if not callable(getattr(ctx.budget.metric, "distance", None)) and isinstance(out, torch.Tensor) \
-            and out.dim() == 2:
+    if _own_distance(ctx.budget) is None and isinstance(out, torch.Tensor) and out.dim() == 2:
         each = kl_per_image(ctx.sel_ref, out).tolist()
     return _Measure(score(out, ctx.sel_y, ctx.budget.metric, ctx.sel_ref), _distance(ctx.sel_ref, out, ctx.budget),
                     _agreement(ctx.sel_ref, out), pc.total / ctx.base_cost, _drop_se(ctx, out), pc, each), sim
@@ -307,8 +306,14 @@ def _drop_se(ctx: _Context, out: torch.Tensor) -> float:
 def _distance(ref: Any, out: Any, budget: Budget | None = None) -> float:
     """The one distance from float: the budget metric's own ``distance(ref, out)`` where it has one (detectors:
     decoded boxes and scores), else KL of class scores, else the relative squared error summed over outputs."""
+    own = _own_distance(budget)
+    return float(own(ref, out)) if own is not None else distance(ref, out)
+
+
+def _own_distance(budget: Budget | None) -> Callable | None:
+    """The budget metric's own distance from float (detectors: decoded boxes and scores), or None."""
     own = getattr(budget.metric, "distance", None) if budget is not None else None
-    return float(own(ref, out)) if callable(own) else distance(ref, out)
+    return own if callable(own) else None
 
 
 # ---------------------------------------------------------------------- remedies
@@ -838,7 +843,7 @@ class RepairResult:
 
     def _distance_name(self) -> str:
         """What the one distance from float is for this budget's metric (detectors bring their own)."""
-        return "distance" if callable(getattr(self.budget.metric, "distance", None)) else "KL"
+        return "distance" if _own_distance(self.budget) is not None else "KL"
 
     def to_markdown(self) -> str:
         r, s = self.report, self.selection
