@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _stats import mean_interval
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import qsurgery  # noqa: E402
@@ -100,19 +101,8 @@ def main() -> None:
               "95 % interval |")
         print("|---|---:|---|---:|---:|---:|---|")
         for (name, fold, target), d in diffs.items():
-            v = torch.tensor(d, dtype=torch.float64)
-            mean, sd = v.mean().item(), v.std().item()
-            half_width = _t975(len(d) - 1) * sd / len(d) ** 0.5
-            print(f"| {name} | {fold} | {target} | {len(d)} | {mean:+.2f} | {sd:.2f} | "
-                  f"{mean - half_width:+.2f}..{mean + half_width:+.2f} |")
-
-
-def _t975(df: int) -> float:
-    """Student's t 97.5 % point for ``df`` degrees of freedom (normal beyond 30)."""
-    table = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-             2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-             2.045, 2.042]
-    return table[df - 1] if 1 <= df <= len(table) else 1.96
+            mean, sd, lo, hi = mean_interval(d)
+            print(f"| {name} | {fold} | {target} | {len(d)} | {mean:+.2f} | {sd:.2f} | {lo:+.2f}..{hi:+.2f} |")
 
 
 def _map50(metric: DetectionMetric, model, x: torch.Tensor, positions: torch.Tensor) -> float:
