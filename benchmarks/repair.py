@@ -92,7 +92,7 @@ def _run(d, sel, rep, target: str, b: float, args, seed: int):
                remedies=allowed, max_trials=args.max_trials, progress=False)
     log = Path(args.log_dir)
     log.mkdir(parents=True, exist_ok=True)
-    (log / f"{target}-budget{b}" + ("" if seed == 0 else f"-split{seed}") + ".md").write_text(r.to_markdown())
+    (log / (f"{target}-budget{b}" + ("" if seed == 0 else f"-split{seed}") + ".md")).write_text(r.to_markdown())
     p = r.report
     lo, hi = p.drop_interval
     steps = "; ".join(s["remedy"] + ("" if not s["params"] else
