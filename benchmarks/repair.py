@@ -49,11 +49,13 @@ def main() -> None:
     ap.add_argument("--no-anchors", action="store_true")
     ap.add_argument("--log-dir", default="out/repair", help="each run's trial table (markdown) goes here")
     ap.add_argument("--splits", type=int, default=1, help="seeded splits of the folder to repeat every run on")
+    ap.add_argument("--split-seeds", nargs="*", type=int, help="these splits instead of 0 .. --splits - 1")
     args = ap.parse_args()
     if args.splits < 1:
         ap.error("--splits must be >= 1")
+    seeds = args.split_seeds if args.split_seeds else list(range(args.splits))
     drops: dict[tuple[str, float], list[tuple[float, float]]] = {}
-    for seed in range(args.splits):
+    for seed in seeds:
         torch.manual_seed(0)
         d = load_lite0(args.data, args.calib, 32, seed=seed)
         sel = (d.xe[:args.select], d.ye[:args.select])
@@ -73,8 +75,8 @@ def main() -> None:
         if seed == 0 and not args.no_anchors:
             anchors(d, sel, rep, args.budgets)
         print()
-    if args.splits > 1:
-        print(f"over {args.splits} splits (report top-1 points; 95 % t-intervals)\n")
+    if len(seeds) > 1:
+        print(f"over splits {seeds} (report top-1 points; 95 % t-intervals)\n")
         print("| target | budget | splits | mean drop [95 % interval] | sd | mean repaired - plain [95 % interval] |")
         print("|---|---:|---:|---|---:|---|")
         for (target, b), v in drops.items():

@@ -64,10 +64,11 @@ class Budget:
     quantized model (1.0 = no extra cost).
 
     ``confidence``: the budget holds on the selection images when the drop is below ``max_drop`` with this
-    one-sided confidence (paired, per image: the measured drop, never below 0, plus z standard errors). On a
-    few hundred images top-1 moves in coarse steps and can show no loss, or a gain, where there is a loss;
-    0.5 takes the measured drop as it is. A callable metric that is not a mean over images (mAP) gets its
-    standard error from random halves of the selection images."""
+    one-sided confidence (paired, per image: the measured drop, never below 0, plus z standard errors, the
+    standard error with half an image added to each cell of the paired table, so that one changed image, or
+    none, does not make it vanish). On a few hundred images top-1 moves in coarse steps and can show no loss,
+    or a gain, where there is a loss; 0.5 takes the measured drop as it is. A callable metric that is not a
+    mean over images (mAP) gets its standard error from random halves of the selection images."""
 
     max_drop: float = 1.0
     metric: str | Callable = "top1"
@@ -300,7 +301,7 @@ def _drop_se(ctx: _Context, out: torch.Tensor) -> float:
     f = _per_image(ctx.budget.metric, ctx.sel_ref, ctx.sel_y, ctx.sel_ref)
     if q is None or len(q) < 2:
         return 0.0
-    return _paired_se(f, q)
+    return _paired_binary_se(f, q)
 
 
 def _distance(ref: Any, out: Any, budget: Budget | None = None) -> float:
@@ -989,15 +990,25 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def _paired_interval(correct_a: torch.Tensor, correct_b: torch.Tensor) -> tuple[float, float]:
-    """95 % interval of the mean paired difference a - b, in points."""
+    """95 % interval of the mean paired difference a - b of two 0/1 per-image scores, in points."""
     mean = 100 * float((correct_a.float() - correct_b.float()).mean())
-    half = 1.96 * _paired_se(correct_a, correct_b) if len(correct_a) > 1 else math.inf
+    half = 1.96 * _paired_binary_se(correct_a, correct_b) if len(correct_a) > 1 else math.inf
     return mean - half, mean + half
 
 
-def _paired_se(correct_a: torch.Tensor, correct_b: torch.Tensor) -> float:
-    """Standard error of the mean paired difference a - b, in points."""
+def _paired_binary_se(correct_a: torch.Tensor, correct_b: torch.Tensor) -> float:
+    """Standard error of the mean paired difference a - b of two 0/1 per-image scores, in points, with Agresti
+    and Min's adjustment (half an image added to each cell of the paired table): when one image changed, or
+    none, the plain estimate says the drop is known to within half an image or exactly; this one does not."""
     d = torch.as_tensor(correct_a, dtype=torch.float64) - torch.as_tensor(correct_b, dtype=torch.float64)
+    n = len(d) + 2
+    up, down = (float((d > 0).sum()) + 0.5) / n, (float((d < 0).sum()) + 0.5) / n
+    return 100 * math.sqrt(max(up + down - (up - down) ** 2, 0.0) / n)
+
+
+def _paired_se(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Standard error of the mean paired difference a - b of per-image values (the KL per image), x 100."""
+    d = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
     return 100 * float(d.std(unbiased=True)) / math.sqrt(len(d))
 
 
@@ -1083,6 +1094,12 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
         if not callable(budget.metric) and 100 / n > budget.max_drop:
             warnings_.append(f"the {part} part has {n} images: one image moves {budget.metric_name} by "
                              f"{100 / n:.2f} points, more than the {budget.max_drop}-point budget")
+    one_changed = budget.z * _paired_binary_se(torch.ones(n_sel), torch.cat([torch.zeros(1), torch.ones(n_sel - 1)]))
+    if not callable(budget.metric) and budget.z > 0 and 100 / n_sel <= budget.max_drop < one_changed:
+        warnings_.append(f"the selection part's {n_sel} images certify a {budget.max_drop}-point budget at "
+                         f"{100 * budget.confidence:.0f} % only if the repaired model changes no image's "
+                         f"{budget.metric_name} (one changed image already bounds the drop at {one_changed:.2f}): "
+                         "give more evaluation images, a larger selection share or a lower confidence")
 
     # resumable record
     args_key = {"model": _fingerprint(graph), "calib": _fingerprint(*[t for b in calib for t in b]),

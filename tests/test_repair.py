@@ -266,6 +266,12 @@ def test_small_evaluation_sets_warn_with_their_resolution(net):
     m, calib, x, y = net
     r = repair(m, calib, (x[:40], y[:40]), budget=Budget(1.0, "top1"), max_trials=0, progress=False)
     assert any("one image moves top1 by 5.00 points" in w for w in r.warnings)
+    # 80 selection images (1.25 points an image) certify 1.5 only if no image changes; 2.0 with one changed
+    tight = repair(m, calib, (x, y), budget=Budget(1.5, "top1"), max_trials=0, progress=False)
+    assert any("certify a 1.5-point budget at 84 % only if the repaired model changes no image" in w
+               for w in tight.warnings)
+    loose = repair(m, calib, (x, y), budget=Budget(2.0, "top1"), max_trials=0, progress=False)
+    assert not any("only if" in w for w in loose.warnings)
 
 
 def test_agreement_budget_needs_no_labels(net):
@@ -317,6 +323,25 @@ def test_cli_repair_checks_arguments_first(tmp_path, capsys):
     assert main(["repair", "--remedy", "magic", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "unknown --remedy 'magic'" in capsys.readouterr().err
     assert main(["repair", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+
+
+def test_one_changed_image_does_not_certify_a_budget():
+    """200 selection images where repaired int8 gained one image on float and lost none: the plain standard error
+    (0.50 point) would certify a 0.5-point budget at 84 %; the adjusted one does not, and the report interval of a
+    model that changed no image is not [0, 0]."""
+    engine = sys.modules["qsurgery.repair"]
+    same = torch.ones(200)
+    gained = same.clone()
+    gained[0] = 0.0  # float wrong on one image that int8 gets right: a - b = -1 there
+    plain = engine._paired_se(gained, same)
+    adjusted = engine._paired_binary_se(gained, same)
+    assert plain == pytest.approx(0.5, abs=0.01)
+    assert Budget(0.5).z * plain <= 0.5 < Budget(0.5).z * adjusted
+    lo, hi = engine._paired_interval(same, same)
+    assert lo < 0 < hi and hi == pytest.approx(1.96 * 100 / 202, rel=1e-6)
+    # many changes: the adjustment is small
+    many = torch.tensor([1.0, 0.0] * 100)
+    assert engine._paired_binary_se(many, 1 - many) == pytest.approx(engine._paired_se(many, 1 - many), rel=0.02)
 
 
 def test_budget_is_judged_with_the_selection_images_uncertainty(net):
