@@ -1094,12 +1094,17 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
         if not callable(budget.metric) and 100 / n > budget.max_drop:
             warnings_.append(f"the {part} part has {n} images: one image moves {budget.metric_name} by "
                              f"{100 / n:.2f} points, more than the {budget.max_drop}-point budget")
-    one_changed = budget.z * _paired_binary_se(torch.ones(n_sel), torch.cat([torch.zeros(1), torch.ones(n_sel - 1)]))
-    if not callable(budget.metric) and budget.z > 0 and 100 / n_sel <= budget.max_drop < one_changed:
-        warnings_.append(f"the selection part's {n_sel} images certify a {budget.max_drop}-point budget at "
-                         f"{100 * budget.confidence:.0f} % only if the repaired model changes no image's "
-                         f"{budget.metric_name} (one changed image already bounds the drop at {one_changed:.2f}): "
-                         "give more evaluation images, a larger selection share or a lower confidence")
+    if not callable(budget.metric) and budget.z > 0 and 100 / n_sel <= budget.max_drop:
+        # the least bound a model with one changed image can get: above the budget, only no change certifies
+        one_lost = torch.ones(n_sel)
+        one_lost[0] = 0.0
+        one_changed = budget.z * _paired_binary_se(torch.ones(n_sel), one_lost)
+        if one_changed > budget.max_drop:
+            warnings_.append(f"the selection part's {n_sel} images certify a {budget.max_drop}-point budget at "
+                             f"{100 * budget.confidence:.0f} % only if the repaired model changes no image's "
+                             f"{budget.metric_name} (one changed image already bounds the drop at "
+                             f"{one_changed:.2f}): give more evaluation images, a larger selection share or a lower "
+                             "confidence")
 
     # resumable record
     args_key = {"model": _fingerprint(graph), "calib": _fingerprint(*[t for b in calib for t in b]),
