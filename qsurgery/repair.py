@@ -865,7 +865,8 @@ class RepairResult:
                  f"{s['drop_bound']:.2f} points ({100 * self.budget.confidence:.0f} % one-sided confidence) "
                  f"against {self.budget.max_drop}.", "",
                  f"Accepted steps: {', '.join(_step_text(x) for x in self.steps) or 'none'}.", "",
-                 f"Cost on the target: {self.cost.summary()}", "", "## Trials (decided on the selection images)", "",
+                 f"Cost on the target: {self.cost.summary()}", "", *self._path_markdown(),
+                 "## Trials (decided on the selection images)", "",
                  f"| # | remedy | params | metric | {dist} | cost | kept | why | s |",
                  "|---:|---|---|---:|---:|---:|---|---|---:|"]
         for i, t in enumerate(self.trials, 1):
@@ -880,14 +881,45 @@ class RepairResult:
         lines += ["", "Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())]
         return "\n".join(lines) + "\n"
 
+    def path(self) -> list[dict]:
+        """The kept steps in order, each with the model's cost and selection figures after it (the first row is the
+        plain model): where the cost went, and which cheaper model the run passed on its way."""
+        if not self.trials:
+            return [{"step": "plain", "trial": 0, "cost": self.relative_cost, "metric": self.selection["repaired"],
+                     "kl": self.selection["kl_repaired"]}]
+        first = self.trials[0]
+        rows = [{"step": "plain", "trial": 0, "cost": 1.0, "metric": first.metric_before, "kl": first.kl_before}]
+        kept = [(i, t) for i, t in enumerate(self.trials, 1) if t.accepted]
+        for step, (i, t) in zip(self.steps, kept):
+            rows.append({"step": _step_text(step), "trial": i, "cost": t.cost, "metric": t.metric_after,
+                         "kl": t.kl_after})
+        return rows
+
+    def _path_markdown(self) -> list[str]:
+        rows = self.path()
+        dist, m = self._distance_name(), self.budget.metric_name
+        lines = ["## Where the cost went (selection images)", "",
+                 f"| after | trial | cost | {m} | {dist} |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['step']} | {r['trial']} | x{r['cost']:.3f} | {r['metric']:.2f} | {r['kl']:.3g} |"
+                  for r in rows]
+        free = [r for r in rows if r["cost"] <= 1.0 + 1e-9]
+        if self.relative_cost > 1.0 + 1e-9 and free:
+            last = free[-1]
+            cap = "" if self.budget.max_cost is not None else "; a budget with `max_cost=1.0` stops there"
+            lines += ["", f"At the plain model's cost the run reached {dist} {last['kl']:.3g} and {m} "
+                          f"{last['metric']:.2f} (after {last['step']}); the steps after it brought the cost to "
+                          f"x{self.relative_cost:.3f} and the {dist} to {rows[-1]['kl']:.3g}" + cap + "."]
+        return lines + [""]
+
     def plot(self, path: str | Path) -> Path:
-        """The selection images' distance from float (KL, or the metric's own) after each trial, kept ones joined."""
+        """Two panels: the selection images' distance from float (KL, or the metric's own) after each trial, kept
+        ones joined; and the same against the cost on the target, the kept path joined (what each step cost)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
         xs = list(range(len(self.trials) + 1))
         kl = [self.trials[0].kl_before if self.trials else self.report.repaired_kl] + [t.kl_after for t in self.trials]
         ax.plot(xs, kl, "o", c="#bbbbbb", label="tried")
@@ -898,6 +930,22 @@ class RepairResult:
         ax.set_ylabel(f"{self._distance_name()} from float (selection images)")
         ax.set_title(f"repair on {self.target}")
         ax.legend()
+        bx.plot([t.cost for t in self.trials], [t.kl_after for t in self.trials], "o", c="#bbbbbb", label="tried")
+        rows = self.path()
+        bx.plot([r["cost"] for r in rows], [r["kl"] for r in rows], "o-", c="#c0504d", label="kept path")
+        for r in rows[1:]:
+            bx.annotate(f"{r['trial']}", (r["cost"], r["kl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        bx.set_yscale("log")
+        bx.set_xlabel("cost on the target (x plain)")
+        bx.set_ylabel(f"{self._distance_name()} from float (selection images)")
+        mx = bx.twinx()
+        mx.plot([r["cost"] for r in rows], [r["metric"] for r in rows], "s--", c="#4f81bd", ms=4,
+                label=f"{self.budget.metric_name}, kept path")
+        mx.set_ylabel(f"{self.budget.metric_name} (selection images)")
+        bx.set_title("what each kept step cost (numbers: trials)")
+        handles = bx.get_legend_handles_labels()
+        more = mx.get_legend_handles_labels()
+        bx.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=120)

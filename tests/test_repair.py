@@ -625,3 +625,22 @@ def test_a_change_that_costs_must_fall_beyond_the_selection_images_noise():
     assert not kept and "not worth its cost" in why
     assert _judge(current, measure(lumpy, 1.0), budget, 0.02)[0]  # free: the 2 % fall is enough
     assert _judge(current, measure(lumpy, 1.05), Budget(1.0, confidence=0.5), 0.02)[0]  # z = 0: no noise test
+
+
+def test_the_path_says_where_the_cost_went_and_which_cheaper_model_was_passed(net, monkeypatch, tmp_path):
+    _keeping_every_trial(monkeypatch)
+    m, calib, x, y = net
+    r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="generic",
+               remedies=["bias_correction", "precision"], max_trials=3, progress=False)
+    rows = r.path()
+    assert [row["step"] for row in rows] == ["plain", "bias_correction"] + [
+        f"precision(layer={s['params']['layer']}, format={s['params']['format']})" for s in r.steps[1:]]
+    assert rows[0]["cost"] == 1.0 and rows[1]["cost"] == pytest.approx(1.0)  # bias correction is free
+    assert rows[-1]["cost"] == pytest.approx(r.relative_cost) and r.relative_cost > 1.0
+    assert rows[-1]["kl"] == pytest.approx(r.selection["kl_repaired"])
+    md = r.to_markdown()
+    assert "## Where the cost went" in md and f"{rows[1]['kl']:.3g}" in md and "max_cost=1.0" in md
+    capped = repair(m, calib, (x, y), budget=Budget(0.0, "top1", max_cost=1.0), target="generic",
+                    remedies=["bias_correction", "precision"], max_trials=3, progress=False)
+    assert "At the plain model's cost" not in capped.to_markdown()  # nothing was spent beyond it
+    assert r.plot(tmp_path / "repair.png").stat().st_size > 1000
