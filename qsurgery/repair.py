@@ -1063,7 +1063,7 @@ def _paired_se(a: torch.Tensor, b: torch.Tensor) -> float:
 # ---------------------------------------------------------------------- the engine
 def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget: Budget | None = None,
            target: str | Target | dict = "generic", remedies: Sequence[str] | None = None, selection: float = 0.5,
-           report_data: Any = None, max_trials: int = 24, min_gain: float = 0.02,
+           report_data: Any = None, max_trials: int = 24, min_gain: float = 0.02, min_gain_per_cost: float = 1.0,
            out_dir: str | Path | None = None, seed: int = 0, batch_size: int = 50,
            executor: Any = None, progress: bool = True) -> RepairResult:
     """The cheapest quantized version of ``model_or_graph`` on ``target`` that keeps ``budget``.
@@ -1075,9 +1075,10 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     the target allows, except those registered ``default=False``: ``distillation`` and ``dw_to_dense``,
     minutes per trial; ``absorb_high_bias``, which did not pay on EfficientNet-Lite0). A
     trial is kept when it lowers the selection KL by at least ``min_gain`` (relative) and, if it costs, by
-    more than the budget's ``z`` standard errors of its per-image falls; on a callable metric (mAP) when the
-    distance from float falls by ``min_gain`` and the metric does not fall, or the metric rises by two
-    standard errors.
+    more than the budget's ``z`` standard errors of its per-image falls and by at least ``min_gain_per_cost``
+    percent of the KL per percent of cost it adds (0: any resolved fall pays); on a callable metric (mAP) when
+    the distance from float falls by ``min_gain`` (and, if it costs, by that price) and the metric does not
+    fall, or the metric rises by two standard errors.
     ``out_dir``: where trials are kept for resuming (and the result saved). ``executor``: where the layer
     ranking's runs go (None: this process; ``"ray"``, a Ray address or a :mod:`qsurgery.executor` executor:
     Ray workers; the same result)."""
@@ -1104,6 +1105,9 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
         raise RepairError(f"selection must be a share in (0, 1), got {selection!r}")
     if max_trials < 0:
         raise RepairError(f"max_trials must be >= 0, got {max_trials}")
+    for name, value in (("min_gain", min_gain), ("min_gain_per_cost", min_gain_per_cost)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise RepairError(f"{name} must be a number >= 0, got {value!r}")
     if out_dir is not None:
         out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
@@ -1160,7 +1164,7 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
                 "budget": [budget.max_drop, budget.metric_name, budget.max_cost, budget.confidence],
                 "target": target.to_dict(),
                 "remedies": names, "selection": selection if report_data is None else "all (report_data given)",
-                "seed": seed, "min_gain": min_gain}
+                "seed": seed, "min_gain": min_gain, "min_gain_per_cost": min_gain_per_cost}
     args_key = json.loads(json.dumps(args_key))  # as it reads back from run.json (tuples become lists)
     cache: dict[str, dict] = {}
     log_path = None
@@ -1256,7 +1260,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
                     after = _Measure(**rec["measure"])
                 else:
                     after, new_sim = _measure(ctx, new_state)
-            accepted, reason = (False, failed) if failed is not None else _judge(current, after, budget, min_gain)
+            accepted, reason = (False, failed) if failed is not None else _judge(current, after, budget, min_gain,
+                                                                                         min_gain_per_cost)
             trial = Trial({"remedy": p.remedy, "params": p.params, "why": p.why}, current.metric, after.metric,
                           current.kl, after.kl, after.cost, accepted, reason,
                           each if remote is not None else time.perf_counter() - t, rec is not None)
@@ -1309,7 +1314,8 @@ def repair(model_or_graph: nn.Module, calib_data: Any, eval_data: Any, *, budget
     return result
 
 
-def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) -> tuple[bool, str]:
+def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float,
+           min_gain_per_cost: float = 1.0) -> tuple[bool, str]:
     """Whether a trial is kept, and why. Class scores: the KL from float must fall by ``min_gain`` (top-1 on
     a few hundred images moves in coarse steps), and where the change costs, its per-image falls must average
     more than ``budget.z`` standard errors (a fall within the images' noise does not pay for anything). A
@@ -1317,20 +1323,33 @@ def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float) 
     the distance from float decides the same way, and the metric vetoes any change that lowers it on the
     selection images (a kept step is never worse on the metric the budget is on, the images that decide); a
     change that raises the metric by two standard errors of the drop (random halves of the images) is kept
-    even where the distance rises (saturated low score logits)."""
+    even where the distance rises (saturated low score logits).
+
+    Either way a change that costs pays a price in the one currency: its distance falls by at least
+    ``min_gain_per_cost`` percent per percent of cost it adds (keeping a layer float for 14 % more cost to take
+    5 % off the KL is refused; a 1 % layer that takes 17 % off is kept)."""
     if budget.max_cost is not None and after.cost > budget.max_cost:
         return False, f"cost x{after.cost:.3f} over the cap x{budget.max_cost}"
     fell = after.kl < current.kl * (1 - min_gain)
+    added = after.cost / current.cost - 1 if current.cost > 0 else 0.0
+    share = (current.kl - after.kl) / current.kl if current.kl > 0 else 0.0
+    priced = added <= 0 or share >= min_gain_per_cost * added
+    price = (f" (a {100 * share:.1f} % fall for {100 * added:.1f} % more cost: a step that costs must lower the "
+             f"{'distance' if callable(budget.metric) else 'KL'} by {min_gain_per_cost:g} % per 1 % of cost)")
     if callable(budget.metric):
         noise = max(after.drop_se, current.drop_se)
-        ok = (fell and after.metric >= current.metric) or after.metric > current.metric + 2 * noise
-        why = (" (kept)" if ok else f" (needs the distance to fall by {100 * min_gain:.0f} % without the metric "
-                                    f"falling, or the metric to rise by two standard errors, {2 * noise:.2f})")
+        rose = after.metric > current.metric + 2 * noise
+        ok = (fell and after.metric >= current.metric and priced) or rose
+        why = (" (kept)" if ok else price if fell and after.metric >= current.metric else
+               f" (needs the distance to fall by {100 * min_gain:.0f} % without the metric falling, or the metric to "
+               f"rise by two standard errors, {2 * noise:.2f})")
         return ok, (f"{budget.metric_name} {current.metric:.2f} -> {after.metric:.2f}, distance {current.kl:.4g} -> "
                     f"{after.kl:.4g}" + why)
     why = f"KL {current.kl:.4g} -> {after.kl:.4g}"
     if not fell:
         return False, why + f" (needs a {100 * min_gain:.0f} % fall)"
+    if not priced:
+        return False, why + price
     if after.cost > current.cost and current.kl_each and after.kl_each and len(after.kl_each) > 1 and budget.z > 0:
         # a change that costs must pay with a fall the selection images resolve: the paired per-image falls'
         # mean beyond z standard errors (the budget's confidence), not one image's luck

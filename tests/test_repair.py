@@ -31,7 +31,7 @@ FAST = ["equalize", "bias_correction", "observer"]
 def _keeping_every_trial(monkeypatch):
     """The engine's module with its judge replaced so that every trial is kept (tests of what a kept step does)."""
     engine = sys.modules["qsurgery.repair"]  # the module (qsurgery.repair is the function)
-    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain: (True, "kept (test)"))
+    monkeypatch.setattr(engine, "_judge", lambda current, after, budget, min_gain, price: (True, "kept (test)"))
     return engine
 
 
@@ -251,6 +251,8 @@ def test_bad_input_is_refused_before_any_work(net, tmp_path):
         Budget(1.0, "accuracy")
     with pytest.raises(RepairError, match="selection"):
         repair(m, calib, (x, y), selection=1.0, progress=False)
+    with pytest.raises(RepairError, match="min_gain_per_cost must be a number >= 0"):
+        repair(m, calib, (x, y), min_gain_per_cost=-1, progress=False)
     (tmp_path / "file").write_text("x")
     with pytest.raises(RepairError, match="not a folder"):
         repair(m, calib, (x, y), out_dir=tmp_path / "file", progress=False)
@@ -620,11 +622,43 @@ def test_a_change_that_costs_must_fall_beyond_the_selection_images_noise():
         return _Measure(80.0, sum(each) / 200, 90.0, cost, kl_each=each)
 
     budget = Budget(1.0)
-    assert _judge(current, measure(even, 1.05), budget, 0.02)[0]
-    kept, why = _judge(current, measure(lumpy, 1.05), budget, 0.02)
+    assert _judge(current, measure(even, 1.04), budget, 0.02)[0]
+    kept, why = _judge(current, measure(lumpy, 1.04), budget, 0.02)
     assert not kept and "not worth its cost" in why
     assert _judge(current, measure(lumpy, 1.0), budget, 0.02)[0]  # free: the 2 % fall is enough
-    assert _judge(current, measure(lumpy, 1.05), Budget(1.0, confidence=0.5), 0.02)[0]  # z = 0: no noise test
+    assert _judge(current, measure(lumpy, 1.04), Budget(1.0, confidence=0.5), 0.02)[0]  # z = 0: no noise test
+
+
+def test_a_change_that_costs_must_pay_its_price_in_distance():
+    """A 5 % KL fall every image shares is kept for 4 % more cost and refused for 10 % (the default price: 1 % of
+    KL per 1 % of cost); price 0 lets any resolved fall pay; a free change never pays a price. The same on a
+    callable metric's distance."""
+    from qsurgery.repair import _judge, _Measure
+
+    before = [1.0 + 0.001 * i for i in range(200)]
+    even = [0.95 * v for v in before]
+    current = _Measure(80.0, sum(before) / 200, 90.0, 1.0, kl_each=before)
+
+    def measure(cost):
+        return _Measure(80.0, sum(even) / 200, 90.0, cost, kl_each=even)
+
+    assert _judge(current, measure(1.04), Budget(1.0), 0.02)[0]
+    kept, why = _judge(current, measure(1.10), Budget(1.0), 0.02)
+    assert not kept and "5.0 % fall for 10.0 % more cost" in why
+    assert _judge(current, measure(1.10), Budget(1.0), 0.02, 0.0)[0]
+    assert not _judge(current, measure(1.04), Budget(1.0), 0.02, 2.0)[0]
+    assert _judge(current, measure(1.0), Budget(1.0), 0.02, 100.0)[0]
+
+    def mean_map(outputs, labels):
+        return 0.0
+
+    nan = float("nan")
+    det = Budget(1.0, metric=mean_map)
+    here = _Measure(30.0, 0.010, nan, 1.0, drop_se=1.0)
+    assert _judge(here, _Measure(30.0, 0.0095, nan, 1.04, drop_se=1.0), det, 0.02)[0]
+    kept, why = _judge(here, _Measure(30.0, 0.0095, nan, 1.10, drop_se=1.0), det, 0.02)
+    assert not kept and "lower the distance by 1 % per 1 % of cost" in why
+    assert _judge(here, _Measure(33.0, 0.0105, nan, 1.10, drop_se=1.0), det, 0.02)[0]  # the metric rose 2 se
 
 
 def test_the_path_says_where_the_cost_went_and_which_cheaper_model_was_passed(net, monkeypatch, tmp_path):
