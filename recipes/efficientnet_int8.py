@@ -1,9 +1,9 @@
 """Recipe: the cheapest int8 EfficientNet / MobileNet for a device, within an accuracy budget.
 
-Copy this file and edit the three choices at the top: the device target, the budget, and which remedies the
-engine may use (in the order it prefers when their expected gains tie). Everything else is the engine:
-calibrate, measure on selection images, try remedies, keep what measurably helps, report on images it never
-decided on, save, export a verified QDQ ONNX.
+Copy this file and edit the choices at the top: the device target, the budget, which remedies the engine may
+use (in the order it prefers when their expected gains tie), and the price a step that costs must pay.
+Everything else is the engine: calibrate, measure on selection images, try remedies, keep what measurably
+helps, report on images it never decided on, save, export a verified QDQ ONNX.
 
     python recipes/efficientnet_int8.py --data path/to/labelled/images --out out/lite0
     python recipes/efficientnet_int8.py              # built-in sample photos, agreement with float
@@ -25,6 +25,7 @@ BUDGET = 1.0                          # points of top-1 (or of agreement with fl
 REMEDIES = ["equalize", "bias_correction", "observer", "learned_rounding", "precision"]  # what may be used
 # also: "dw_to_dense" (a dense conv in place of a depthwise-separable unit; each trial refits the steps above,
 # minutes), "prune_channels" (with qsurgery.Budget(..., max_cost=1.0): pays for what the cap refuses)
+PRICE = 1.0                           # a wider or float layer must take this many % off the KL per % of cost
 
 
 def main() -> int:
@@ -50,7 +51,7 @@ def main() -> int:
     allowed = [r for r in REMEDIES if qsurgery.REMEDIES[r].forbidden_on(target) is None]
     result = qsurgery.repair(model, [calib[i:i + 32] for i in range(0, len(calib), 32)], evaluation,
                              budget=qsurgery.Budget(BUDGET, metric), target=target, remedies=allowed,
-                             out_dir=args.out)
+                             min_gain_per_cost=PRICE, out_dir=args.out)
     print(result.headline())
     report = result.export_onnx(args.out / "model_qdq.onnx", calib[:1], verify_inputs=[images[:16]])
     print(report.summary())
