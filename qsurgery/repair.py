@@ -889,10 +889,9 @@ class RepairResult:
                      "kl": self.selection["kl_repaired"]}]
         first = self.trials[0]
         rows = [{"step": "plain", "trial": 0, "cost": 1.0, "metric": first.metric_before, "kl": first.kl_before}]
-        kept = [(i, t) for i, t in enumerate(self.trials, 1) if t.accepted]
-        for step, (i, t) in zip(self.steps, kept):
-            rows.append({"step": _step_text(step), "trial": i, "cost": t.cost, "metric": t.metric_after,
-                         "kl": t.kl_after})
+        # from the kept trials, not ``steps``: a structural step moves the steps before it behind it
+        rows += [{"step": _step_text(t.proposal), "trial": i, "cost": t.cost, "metric": t.metric_after,
+                  "kl": t.kl_after} for i, t in enumerate(self.trials, 1) if t.accepted]
         return rows
 
     def _path_markdown(self) -> list[str]:
