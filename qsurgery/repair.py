@@ -912,7 +912,8 @@ class RepairResult:
 
     def plot(self, path: str | Path) -> Path:
         """Two panels: the selection images' distance from float (KL, or the metric's own) after each trial, kept
-        ones joined; and the same against the cost on the target, the kept path joined (what each step cost)."""
+        ones joined; and the same with the selection metric against the cost on the target along the kept path
+        (what each step cost), or the metric per trial where no trial cost anything."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -929,6 +930,27 @@ class RepairResult:
         ax.set_ylabel(f"{self._distance_name()} from float (selection images)")
         ax.set_title(f"repair on {self.target}")
         ax.legend()
+        self._plot_cost(bx, xs, kept)
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def _plot_cost(self, bx: Any, xs: list[int], kept: list[int]) -> None:
+        """The plot's second panel: KL and the selection metric against cost along the kept path, or the metric
+        per trial where no trial cost anything (a strict target: every point would sit at x1.000)."""
+        m = self.budget.metric_name
+        if all(abs(t.cost - 1.0) < 1e-9 for t in self.trials):
+            metric = [self.trials[0].metric_before if self.trials else self.selection["repaired"]]
+            metric += [t.metric_after for t in self.trials]
+            bx.plot(xs, metric, "o", c="#bbbbbb", label="tried")
+            bx.plot(kept, [metric[i] for i in kept], "s-", c="#4f81bd", label="kept")
+            bx.set_xlabel("trial")
+            bx.set_ylabel(f"{m} (selection images)")
+            bx.set_title(f"no trial cost anything on {self.target}")
+            bx.legend()
+            return
         bx.plot([t.cost for t in self.trials], [t.kl_after for t in self.trials], "o", c="#bbbbbb", label="tried")
         rows = self.path()
         bx.plot([r["cost"] for r in rows], [r["kl"] for r in rows], "o-", c="#c0504d", label="kept path")
@@ -939,17 +961,11 @@ class RepairResult:
         bx.set_ylabel(f"{self._distance_name()} from float (selection images)")
         mx = bx.twinx()
         mx.plot([r["cost"] for r in rows], [r["metric"] for r in rows], "s--", c="#4f81bd", ms=4,
-                label=f"{self.budget.metric_name}, kept path")
-        mx.set_ylabel(f"{self.budget.metric_name} (selection images)")
+                label=f"{m}, kept path")
+        mx.set_ylabel(f"{m} (selection images)")
         bx.set_title("what each kept step cost (numbers: trials)")
-        handles = bx.get_legend_handles_labels()
-        more = mx.get_legend_handles_labels()
+        handles, more = bx.get_legend_handles_labels(), mx.get_legend_handles_labels()
         bx.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8)
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return path
 
     def save(self, directory: str | Path) -> Path:
         """Write the repaired graph, its config and plan, and the record; :func:`qsurgery.load` reads it back."""

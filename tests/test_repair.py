@@ -41,7 +41,7 @@ def test_stops_at_once_when_the_plain_model_keeps_the_budget(net):
     assert r.reached and r.trials == [] and r.steps == [] and r.relative_cost == pytest.approx(1.0)
 
 
-def test_repairs_a_strict_target_without_leaving_int8(net):
+def test_repairs_a_strict_target_without_leaving_int8(net, tmp_path):
     m, calib, x, y = net
     r = repair(m, calib, (x, y), budget=Budget(0.0, "top1"), target="per-tensor-int8", remedies=FAST,
                progress=False)
@@ -54,6 +54,8 @@ def test_repairs_a_strict_target_without_leaving_int8(net):
     kept = [t for t in r.trials if t.accepted]
     assert all(t.kl_after < t.kl_before for t in kept)
     assert "| # | remedy |" in r.to_markdown() and "report" in r.headline()
+    assert "At the plain model's cost" not in r.to_markdown()  # nothing cost anything
+    assert r.plot(tmp_path / "strict.png").stat().st_size > 1000  # the metric per trial in the second panel
 
 
 def test_decisions_never_see_the_report_images(net, monkeypatch):
