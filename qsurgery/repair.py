@@ -1354,8 +1354,9 @@ def _judge(current: _Measure, after: _Measure, budget: Budget, min_gain: float,
     if callable(budget.metric):
         noise = max(after.drop_se, current.drop_se)
         rose = after.metric > current.metric + 2 * noise
-        ok = (fell and after.metric >= current.metric and priced) or rose
-        why = (" (kept)" if ok else price if fell and after.metric >= current.metric else
+        closer = fell and after.metric >= current.metric  # closer to float without the metric falling
+        ok = (closer and priced) or rose
+        why = (" (kept)" if ok else price if closer else
                f" (needs the distance to fall by {100 * min_gain:.0f} % without the metric falling, or the metric to "
                f"rise by two standard errors, {2 * noise:.2f})")
         return ok, (f"{budget.metric_name} {current.metric:.2f} -> {after.metric:.2f}, distance {current.kl:.4g} -> "
